@@ -1,0 +1,3 @@
+"""tec-pipeline: TEC pretraining as a two-stage offline target-caching pipeline."""
+
+__version__ = "0.1.0"
