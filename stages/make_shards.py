@@ -1,0 +1,38 @@
+"""`tec make-shards` and `tec index-shards`: images -> WebDataset shards + manifest.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stages.common import show_progress
+from tec_pipeline.config import config_option
+from tec_pipeline.data.shards import index_shards, write_manifest
+from tec_pipeline.data.writing import write_shards
+
+
+@click.command("make-shards")
+@config_option
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for shards + manifest.json.")
+@click.option("--split", default="train", show_default=True, help="Fashion-MNIST split (train|test); shard name prefix.")
+@click.option("--shard-size", default=1000, show_default=True, type=int, help="Samples per shard.")
+@click.option("--limit", default=None, type=int, help="Write only the first N samples after shuffling.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the one-time shuffle.")
+@click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
+def command(source: str, out: str, split: str, shard_size: int, limit: int | None, seed: int, overwrite: bool) -> None:
+    """Write SOURCE (fashion-mnist[:DIR] or imagefolder:DIR) as shuffled WebDataset shards."""
+    manifest = write_shards(source, out, split, shard_size, limit, seed, overwrite, progress=show_progress())
+    click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards -> {out}/manifest.json "
+               f"(fingerprint {manifest.fingerprint[:12]})")
+
+
+@click.command("index-shards")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--class-names", default=None, help="Comma-separated class names, in label order.")
+def index_command(directory: str, class_names: str | None) -> None:
+    """Write manifest.json for existing WebDataset shards in DIRECTORY (*.tar in name order)."""
+    manifest = index_shards(directory, class_names.split(",") if class_names else None)
+    path = write_manifest(Path(directory), manifest)
+    click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards -> {path}")

@@ -1,0 +1,119 @@
+"""Views: the contract of design §3.2.
+
+A view is (row, view id) -> integer crop box in decoded-image pixels plus a flip bit, drawn from a counter-based
+RNG keyed by (seed, row, view id) with torchvision RandomResizedCrop semantics. Stage 1 stores the box; stage 2
+replays it. Replay is PIL crop -> PIL bicubic resize -> optional mirror -> ToTensor -> ImageNet normalisation,
+exactly the reference pipeline, so the same box always gives bit-identical pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SCALE = (0.2, 1.0)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+EVAL_CROP_FRACTION = 0.875  # resize shorter side to size / 0.875, centre-crop size (224 <- 256)
+
+
+@dataclass(frozen=True)
+class ViewBox:
+    """Crop box in decoded-image pixels: rows [top, top+height), columns [left, left+width); then mirror if flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.top, self.left, self.height, self.width, int(self.flip)], dtype=np.int32)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> ViewBox:
+        return cls(int(a[0]), int(a[1]), int(a[2]), int(a[3]), bool(a[4]))
+
+
+def view_rng(seed: int, row: int, view_id: int) -> np.random.Generator:
+    """Counter-based generator: the same (seed, row, view id) always gives the same stream, in any process."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, row, view_id])))
+
+
+def sample_view(seed: int, row: int, view_id: int, width: int, height: int,
+                scale: tuple[float, float] = DEFAULT_SCALE, ratio: tuple[float, float] = DEFAULT_RATIO,
+                flip_prob: float = 0.5) -> ViewBox:
+    """torchvision `RandomResizedCrop.get_params` (10 attempts, centre-crop fallback) + horizontal flip."""
+    rng = view_rng(seed, row, view_id)
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    box = None
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            break
+    if box is None:
+        box = _center_fallback(width, height, ratio)
+    flip = bool(rng.random() < flip_prob)
+    return ViewBox(*box, flip)
+
+
+def _center_fallback(width: int, height: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def replay_view_uint8(image: Image.Image, box: ViewBox, size: int) -> torch.Tensor:
+    """The view's pixels before normalisation: uint8 [3, size, size]."""
+    crop = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+    crop = crop.resize((size, size), Image.Resampling.BICUBIC)
+    if box.flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def center_view_uint8(image: Image.Image, size: int) -> torch.Tensor:
+    """Deterministic evaluation view: shorter side to round(size / 0.875) (bicubic), centre crop; uint8 [3,S,S]."""
+    short = round(size / EVAL_CROP_FRACTION)
+    w, h = image.size
+    new_w, new_h = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    crop = resized.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> float32, ToTensor then Normalize (elementwise, so per image or per batch alike)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return pixels.float().div(255).sub(mean).div(std)
+
+
+def replay_view(image: Image.Image, box: ViewBox, size: int) -> torch.Tensor:
+    """The normalised view the base model saw: float32 [3, size, size]."""
+    return normalize(replay_view_uint8(image, box, size))
+
+
+def view_constants(size: int, seed: int, scale: tuple[float, float] = DEFAULT_SCALE,
+                   ratio: tuple[float, float] = DEFAULT_RATIO, flip_prob: float = 0.5) -> dict:
+    """What a store records so that a later replay is known to reproduce the same pixels."""
+    return {"size": size, "seed": seed, "scale": list(scale), "ratio": list(ratio), "flip_prob": flip_prob,
+            "interpolation": "PIL.BICUBIC", "pil_version": PIL.__version__, "decoder": f"PIL {PIL.__version__}",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}

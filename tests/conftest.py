@@ -1,0 +1,59 @@
+"""Shared fixtures: small real data (Fashion-MNIST rows, bundled sample photos) and generated image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tec_pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
+
+os.environ.setdefault("TEC_NO_PROGRESS", "1")
+FASHION_MNIST = Path(DEFAULT_FASHION_MNIST_DIR)
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file() and not os.environ.get("CI"),
+    reason="dataset-fashion-mnist not installed (make install installs it)",
+)
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 Fashion-MNIST training images in 3 shards (seed 0)."""
+    from tec_pipeline.data.writing import write_shards
+
+    out = tmp_path_factory.mktemp("fmnist") / "train"
+    write_shards("fashion-mnist", out, "train", shard_size=128, limit=300, seed=0, progress=False)
+    return out
+
+
+def sample_photos() -> list[Image.Image]:
+    """Real photos bundled with scikit-image (RGB JPEG/PNG), used for decode and crop tests."""
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png"]
+    return [Image.open(data / n).convert("RGB") for n in names if (data / n).is_file()]
+
+
+@pytest.fixture()
+def image_folder(tmp_path: Path) -> Path:
+    """An ImageFolder of JPEGs of varied sizes, plus a grayscale JPEG, a palette PNG and a CMYK JPEG."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    photos = sample_photos()
+    for c, cls in enumerate(["cat", "dog"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            w, h = int(rng.integers(40, 300)), int(rng.integers(40, 300))
+            if photos:
+                im = photos[(c * 6 + i) % len(photos)].resize((w, h))
+            else:
+                im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            im.save(root / cls / f"img.{i}.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8), mode="L").save(root / "cat" / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (33, 45, 3), dtype=np.uint8)).convert("P").save(root / "dog" / "pal.png")
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).convert("CMYK").save(root / "dog" / "cmyk.jpg")
+    return root
