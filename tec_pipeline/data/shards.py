@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,30 +165,47 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, grouping consecutive members; stops quietly at a truncated end."""
-    current_key, fields = None, {}
+def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None
+                     ) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+    """(key, {ext: bytes}) per sample in tar order, grouping consecutive members by key.
+
+    The tar is opened seekable, so samples whose index (position in the shard) is not `wanted` are skipped
+    without reading their data (fields None). A truncated or damaged tar ends quietly after its last complete
+    sample: the partial sample is dropped because its data cannot be trusted.
+    """
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r:") as tar:
+            key, members, index = None, [], 0
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _split_member(member.name)
-                if key != current_key and current_key is not None:
-                    yield current_key, fields
-                    fields = {}
-                current_key = key
-                extracted = tar.extractfile(member)
-                fields[ext] = extracted.read() if extracted else b""
+                member_key, _ = _split_member(member.name)
+                if member_key != key and key is not None:
+                    yield key, _read_members(tar, members, wanted is None or wanted(index))
+                    members, index = [], index + 1
+                key = member_key
+                members.append(member)
+            if key is not None:
+                yield key, _read_members(tar, members, wanted is None or wanted(index))
     except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("shard %s is damaged after key %s: %s", path.name, current_key, e)
-        return  # the partial sample of a cut tar is dropped: its data cannot be trusted
-    if current_key is not None:
-        yield current_key, fields
+        log.warning("shard %s is damaged: %s", path.name, e)
+
+
+def _read_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], read: bool) -> dict[str, bytes] | None:
+    if not read:
+        return None
+    fields = {}
+    for member in members:
+        extracted = tar.extractfile(member)
+        data = extracted.read() if extracted else b""
+        if len(data) != member.size:
+            raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+        fields[_split_member(member.name)[1]] = data
+    return fields
 
 
 def count_tar_samples(path: Path) -> int:
-    return sum(1 for _ in iter_tar_samples(path))
+    return sum(1 for _ in iter_tar_samples(path, wanted=lambda _: False))
 
 
 def _to_sample(row: int, key: str, fields: dict[str, bytes]) -> Sample:
@@ -204,14 +221,17 @@ def iter_shard_rows(directory: Path, shard: ShardInfo, start: int, stop: int,
 
     Rows not in `wanted` (when given) are yielded without decoding, so callers can skip them cheaply.
     """
-    row = shard.first_row
-    end = min(stop, shard.first_row + shard.count)
-    for key, fields in iter_tar_samples(directory / shard.name):
+    first, end = shard.first_row, min(stop, shard.first_row + shard.count)
+
+    def read(index: int) -> bool:
+        return start <= first + index < end and (wanted is None or first + index in wanted)
+
+    row = first
+    for key, fields in iter_tar_samples(directory / shard.name, read):
         if row >= end:
             return
         if row >= start:
-            skip = wanted is not None and row not in wanted
-            yield Sample(row, key, None, None) if skip else _to_sample(row, key, fields)
+            yield Sample(row, key, None, None) if fields is None else _to_sample(row, key, fields)
         row += 1
     for missing in range(max(row, start), end):
         yield Sample(missing, None, None, None)
