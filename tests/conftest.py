@@ -57,3 +57,40 @@ def image_folder(tmp_path: Path) -> Path:
     Image.fromarray(rng.integers(0, 255, (33, 45, 3), dtype=np.uint8)).convert("P").save(root / "dog" / "pal.png")
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).convert("CMYK").save(root / "dog" / "cmyk.jpg")
     return root
+
+
+def run_tec(*args: str, check: bool = False, **kwargs: object) -> "subprocess.CompletedProcess[str]":
+    """`tec ARGS` in a fresh interpreter, as a user runs it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], capture_output=True, text=True,
+                          **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tec {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: "subprocess.CompletedProcess[str]", code: int = 2) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("base model ")]
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+
+
+def save_base_checkpoint(path: Path, arch_name: str = "tec_pico_p4_16", seed: int = 0) -> Path:
+    """A random base model in this project's own checkpoint format (architecture recorded)."""
+    import torch
+
+    from tec_pipeline.models.vit import build_vit, resolve_arch
+
+    torch.manual_seed(seed)
+    arch = resolve_arch(arch_name)
+    torch.save({"model": build_vit(arch).state_dict(), "arch": arch.to_dict(), "kind": "mae", "config": {},
+                "version": "test"}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pico_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_base_checkpoint(tmp_path_factory.mktemp("base") / "pico base.pth")

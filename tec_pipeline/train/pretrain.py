@@ -98,7 +98,7 @@ def _validate(cfg: PretrainConfig) -> None:
     require(cfg.view_policy in VIEW_POLICIES, f"--view-policy must be one of {', '.join(VIEW_POLICIES)}")
     for name in ("epochs", "batch_size", "accum", "masks_per_view"):
         require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    require(0.0 <= cfg.mask_ratio < 1.0, f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    require(0.0 < cfg.mask_ratio < 1.0, f"--mask-ratio must be in (0, 1): the feature loss counts masked patches, got {cfg.mask_ratio}")
     require(cfg.att_tau > 0, f"--att-tau must be > 0, got {cfg.att_tau}")
     require(cfg.blr > 0, f"--blr must be > 0, got {cfg.blr}")
     require(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
