@@ -22,7 +22,7 @@ NUMERIC_ALLOWANCE = 1e-3  # absolute + relative: float noise of another batch sp
 
 
 def _invalid_rows(store: TargetStore, limit: int = 20) -> list[str]:
-    valid = store._array("valid")[...]  # noqa: SLF001 - the store's own flags, read whole (bools, small)
+    valid = store.valid_mask()
     done = np.repeat(store.done_mask(), store.spec.chunk_rows, axis=1)[:, : store.spec.rows]
     views, rows = np.nonzero(done & ~valid)
     return [f"view {v} row {r}" for v, r in zip(views[:limit].tolist(), rows[:limit].tolist())]

@@ -148,6 +148,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         require(k <= arch.num_patches, f"--topk {k} exceeds the {arch.num_patches} patches")
         rows, last_layers, views = manifest.total_rows, cfg.last_layers, None
     rows = rows if cfg.limit is None else min(rows, cfg.limit)
+    torch.manual_seed(cfg.seed)  # the student's initialisation is part of the run's identity (exact resume)
     model = TECStudent(arch, k=k, mask_ratio=cfg.mask_ratio, mlp_token=cfg.mlp_token, pred_att=cfg.pred_att,
                        att_tau=cfg.att_tau)
     steps = steps_per_epoch(cfg.shards, cfg.batch_size, world, cfg.workers, rows, manifest)

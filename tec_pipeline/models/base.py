@@ -1,0 +1,256 @@
+"""Base models: every supported checkpoint format mapped to one timm ViT encoder state dict.
+
+Like timm's `checkpoint_filter_fn`, one function (`read_encoder_checkpoint`) knows all formats:
+
+| format          | how it is recognised                          | what is taken                                   |
+|-----------------|-----------------------------------------------|-------------------------------------------------|
+| `tec` / `mae`   | ours: {'model', 'arch', 'kind', ...}          | encoder keys; `cls_token_mlp` folded into CLS    |
+| `mae-release`   | {'model': ...} (facebookresearch/mae release) | as is (encoder-only keys)                        |
+| `ibot-backbone` | {'state_dict': ...} (iBOT extract_backbone)   | as is                                            |
+| `teacher`       | {'teacher': ..., 'student': ...} (iBOT/DINO)  | the TEACHER, `module.`/`backbone.` stripped, heads dropped |
+| `student`       | {'student': ...} only                         | the student, with a warning                      |
+| `safetensors`   | file suffix `.safetensors`                    | as is; arch from metadata (see models/convert.py) |
+| `timm`          | a flat mapping of tensors                     | as is                                            |
+
+The architecture comes from the checkpoint where it records one, else from an explicit name. The mapped state
+dict is then checked strictly against the timm model: only allow-listed keys may be missing or extra, and every
+shape must match — a wrong file is refused with the offending keys, never silently half-loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from tec_pipeline.errors import UserError
+from tec_pipeline.models.vit import ViTArch, build_vit, fold_mlp_cls_token, resolve_arch
+
+log = logging.getLogger(__name__)
+
+# Top-level names of a timm ViT encoder; our own checkpoints keep only these (adaptors/decoders are dropped).
+ENCODER_ROOTS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+# May be absent from a checkpoint: the base model never applies the final norm, and no head is built.
+ALLOWED_MISSING = ("norm.", "head.", "fc_norm.")
+# May be present and are ignored: classifier heads, iBOT's masked_embed, MAE's decoder and mask token.
+ALLOWED_UNEXPECTED = ("head.", "fc_norm.", "masked_embed", "mask_token", "decoder")
+# Harmless plain-data classes found in real iBOT/DINO/MAE checkpoints ('args'); nothing else is unpickled.
+SAFE_GLOBALS = [argparse.Namespace]
+_ENCODER_ARCH_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+_MAX_LISTED = 4
+
+
+@dataclass(frozen=True)
+class EncoderCheckpoint:
+    """An encoder state dict in timm key names, checked against `arch` (only model keys, matching shapes)."""
+
+    state_dict: dict[str, torch.Tensor]
+    arch: ViTArch
+    fmt: str
+    sha256: str
+    path: str
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_torch(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found or "Weights only load failed" in str(e):
+            what = found.group(1) if found else "a non-tensor object"
+            raise UserError(
+                f"refusing {path}: it holds a pickled object ({what}) that could run code when loaded; "
+                "only plain tensor checkpoints are accepted (save a state dict, or use safetensors)"
+            ) from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (torch.load: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _arch_from_metadata(meta: Mapping[str, str], path: Path, arch_flag: str) -> ViTArch | None:
+    """Our safetensors record `tec_arch`; plain timm exports may record `timm_name` + `timm_kwargs`."""
+    try:
+        if "tec_arch" in meta:
+            return ViTArch.from_dict(json.loads(meta["tec_arch"]))
+        if "timm_name" in meta:
+            name, kwargs = meta["timm_name"], json.loads(meta.get("timm_kwargs", "{}"))
+            fields = {k: kwargs[k] for k in _ENCODER_ARCH_FIELDS if k in kwargs}
+            if len(fields) == len(_ENCODER_ARCH_FIELDS):
+                return ViTArch(name=name, timm_name=name, **fields)
+            return dataclasses.replace(resolve_arch(name), **fields)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: unreadable architecture metadata ({e}); pass {arch_flag} instead") from None
+    return None
+
+
+def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip DDP's `module.` and MultiCropWrapper's `backbone.`; keys outside the backbone (heads) are dropped."""
+    unwrapped = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if not any(k.startswith("backbone.") for k in unwrapped):
+        return unwrapped
+    heads = sorted(k for k in unwrapped if not k.startswith("backbone."))
+    if heads:
+        log.info("dropping %d projection-head keys (e.g. %s)", len(heads), ", ".join(heads[:_MAX_LISTED]))
+    return {k.removeprefix("backbone."): v for k, v in unwrapped.items() if k.startswith("backbone.")}
+
+
+def _own_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[dict[str, Any], str, ViTArch]:
+    """Our MAE/TEC run: encoder keys only, the TEC student's MLP CLS token folded into `cls_token`."""
+    if not isinstance(obj["model"], Mapping):
+        raise UserError(f"{path}: 'model' is a {type(obj['model']).__name__}, not a state dict")
+    folded = fold_mlp_cls_token(_strip_wrappers(obj["model"]))
+    encoder = {k: v for k, v in folded.items() if k.split(".")[0] in ENCODER_ROOTS}
+    log.debug("dropped %d adaptor/decoder keys of a %s checkpoint", len(folded) - len(encoder), obj["kind"])
+    try:
+        arch = ViTArch.from_dict(dict(obj["arch"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: recorded 'arch' is incomplete ({e})") from None
+    return encoder, str(obj["kind"]), arch
+
+
+def _select_state_dict(obj: Any, path: Path) -> tuple[Mapping[str, Any], str, ViTArch | None]:
+    """(raw state dict, format name, recorded arch or None) for a torch.load'ed object."""
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of tensors")
+    if "model" in obj and "arch" in obj and obj.get("kind") in ("tec", "mae"):
+        return _own_checkpoint(obj, path)
+    for key, fmt in (("model", "mae-release"), ("state_dict", "ibot-backbone"), ("teacher", "teacher")):
+        if key in obj:
+            return obj[key], fmt, None
+    if "student" in obj:
+        log.warning("%s has a 'student' but no 'teacher' entry: loading the student as the base model", path)
+        return obj["student"], "student", None
+    return obj, "timm", None
+
+
+def _resolve_arch(recorded: ViTArch | None, arch: str | None, path: Path, arch_flag: str) -> ViTArch:
+    explicit = None
+    if arch is not None:
+        try:
+            explicit = resolve_arch(arch)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if recorded is None:
+        if explicit is None:
+            raise UserError(f"{path} records no architecture: pass {arch_flag} (e.g. vit_base_patch16_224)")
+        return explicit
+    if explicit is not None:
+        differs = [f for f in _ENCODER_ARCH_FIELDS if getattr(explicit, f) != getattr(recorded, f)]
+        if differs:  # the checkpoint's own record wins (design §3.3); the explicit name is only a fallback
+            log.warning("ignoring %s %s: %s records %s (differs in %s)", arch_flag, arch, path, recorded.name,
+                        ", ".join(differs))
+    return recorded
+
+
+def _listing(keys: list[str], shapes: Mapping[str, Any]) -> str:
+    shown = [f"{k} {tuple(shapes[k].shape)}" for k in keys[:_MAX_LISTED]]
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(shown) + more
+
+
+def check_encoder_keys(state_dict: Mapping[str, Any], expected: Mapping[str, torch.Tensor],
+                       path: str | os.PathLike[str], arch_flag: str = "--base-arch") -> dict[str, torch.Tensor]:
+    """The keys of `state_dict` that the model has, after refusing any non-allow-listed difference.
+
+    expected: the model's own state dict (only names and shapes are read).
+    Raises UserError naming the missing, unexpected or wrongly shaped keys (a few of each).
+    """
+    bad_values = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if bad_values:
+        raise UserError(f"{path}: not a state dict, non-tensor entries {', '.join(bad_values[:_MAX_LISTED])}")
+    missing = sorted(k for k in expected if k not in state_dict and not k.startswith(ALLOWED_MISSING))
+    unexpected = sorted(k for k in state_dict if k not in expected and not k.startswith(ALLOWED_UNEXPECTED))
+    wrong = sorted(k for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing, expected)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected, state_dict)}")
+    if wrong:
+        shown = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in wrong[:_MAX_LISTED]]
+        problems.append("shape mismatch " + ", ".join(shown) + (" ..." if len(wrong) > _MAX_LISTED else ""))
+    if problems:
+        raise UserError(f"{path} does not fit the architecture: {'; '.join(problems)} "
+                        f"(wrong file or wrong {arch_flag}?)")
+    return {k: v for k, v in state_dict.items() if k in expected}
+
+
+def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | None = None,
+                            arch_flag: str = "--base-arch") -> EncoderCheckpoint:
+    """Read any supported checkpoint format as a checked timm ViT encoder state dict (see module docstring).
+
+    arch: a preset or timm ViT name, used when the checkpoint records no architecture.
+    arch_flag: the command-line flag that sets `arch`, named in error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such checkpoint file: {path}")
+    if path.suffix == ".safetensors":
+        raw, meta = _load_safetensors(path)
+        fmt, recorded = "safetensors", _arch_from_metadata(meta, path, arch_flag)
+    else:
+        raw, fmt, recorded = _select_state_dict(_load_torch(path), path)
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{path}: the '{fmt}' entry is a {type(raw).__name__}, not a state dict")
+    resolved = _resolve_arch(recorded, arch, path, arch_flag)
+    with torch.device("meta"):  # names and shapes only; no memory, no init cost
+        expected = build_vit(resolved).state_dict()
+    state_dict = check_encoder_keys(_strip_wrappers(raw), expected, path, arch_flag)
+    log.info("base model %s: format %s, arch %s", path, fmt, resolved.name)
+    return EncoderCheckpoint(state_dict, resolved, fmt, file_sha256(path), str(path))
+
+
+def load_encoder(path: str | os.PathLike[str], arch: str | None = None,
+                 arch_flag: str = "--base-arch") -> tuple[VisionTransformer, EncoderCheckpoint]:
+    """A frozen timm ViT (num_classes=0, eval(), requires_grad False) with the checkpoint's weights.
+
+    Keys the checkpoint lacks (only allow-listed ones: the final norm) keep timm's initialisation.
+    """
+    ckpt = read_encoder_checkpoint(path, arch, arch_flag)
+    model = build_vit(ckpt.arch)
+    result = model.load_state_dict(ckpt.state_dict, strict=False)
+    # read_encoder_checkpoint already refused anything else; this guards the check itself.
+    assert not result.unexpected_keys and all(k.startswith(ALLOWED_MISSING) for k in result.missing_keys)
+    if result.missing_keys:
+        log.info("checkpoint has no %s: kept timm's initialisation (unused by the targets)",
+                 ", ".join(result.missing_keys))
+    model.eval().requires_grad_(False)
+    return model, ckpt

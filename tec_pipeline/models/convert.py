@@ -1,0 +1,98 @@
+"""Export any supported checkpoint (TEC student, MAE, base-model formats) as plain timm ViT weights.
+
+Unlike the reference `weight_convert.py` (tec-method.md §7), the final `norm` is kept, and the file carries
+its own architecture, so it loads strictly with nothing else known:
+
+    meta = safe_open(path, "pt").metadata()
+    model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(safetensors.torch.load_file(path))   # strict
+
+The MLP CLS token is folded into `cls_token` (exact: it acts on the learned token only), adaptors, decoders
+and mask tokens are dropped (both done by `read_encoder_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from tec_pipeline.config import require
+from tec_pipeline.errors import UserError
+from tec_pipeline.models.base import EncoderCheckpoint, read_encoder_checkpoint
+from tec_pipeline.models.vit import ViTArch, build_vit
+
+log = logging.getLogger(__name__)
+
+
+def export_metadata(arch: ViTArch, source_sha256: str) -> dict[str, str]:
+    """safetensors metadata (str → str): enough to rebuild the model with timm alone, plus provenance."""
+    return {
+        "timm_name": arch.timm_name,
+        "timm_kwargs": json.dumps(arch.timm_kwargs(), sort_keys=True),
+        "tec_arch": json.dumps(arch.to_dict(), sort_keys=True),
+        "source_sha256": source_sha256,
+    }
+
+
+def export_state_dict(ckpt: EncoderCheckpoint) -> dict[str, torch.Tensor]:
+    """The full state dict of a timm ViT (num_classes=0, token pool) holding the checkpoint's encoder weights.
+
+    Keys the source lacks (only the final norm is allowed to be absent, e.g. an MAE release without it) keep
+    timm's initialisation, LayerNorm ones/zeros; that is logged.
+    """
+    model = build_vit(ckpt.arch)
+    missing = model.load_state_dict(ckpt.state_dict, strict=False).missing_keys
+    if missing:
+        log.warning("%s has no %s: exported timm's initialisation (LayerNorm weight 1, bias 0) instead",
+                    ckpt.path, ", ".join(missing))
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def convert_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str],
+                       arch: str | None = None) -> Path:
+    """Write `source` as timm ViT safetensors at `out` (atomically: temporary file, then os.replace).
+
+    arch: a preset or timm ViT name, needed only when the source records no architecture.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    require(out.suffix == ".safetensors", f"--out must be a .safetensors file, got {out}")
+    require(not out.is_dir(), f"--out {out} is a directory; give a file name ending in .safetensors")
+    ckpt = read_encoder_checkpoint(source, arch, arch_flag="--arch")
+    state_dict = export_state_dict(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        save_file(state_dict, str(tmp), metadata=export_metadata(ckpt.arch, ckpt.sha256))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s: %s (%s, from %s format, sha256 %s…)", out, ckpt.arch.name, ckpt.arch.timm_name,
+             ckpt.fmt, ckpt.sha256[:12])
+    return out
+
+
+def load_exported(path: str | os.PathLike[str]) -> VisionTransformer:
+    """A timm ViT rebuilt from an exported file's own metadata and loaded strictly (eval mode)."""
+    import timm
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    require("timm_name" in meta and "timm_kwargs" in meta, f"{path} records no timm_name/timm_kwargs metadata")
+    model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not match its own metadata: {str(e).splitlines()[0]}") from None
+    return model.eval()

@@ -1,0 +1,164 @@
+"""Stage 2 (`tec pretrain`): cached equals online, exact resume, DDP, learning, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tec_pipeline.data.cached import CachedViews
+from tec_pipeline.data.loader import FreshViews, normalized, stream_epoch
+from tec_pipeline.data.shards import load_manifest
+from tec_pipeline.models.base import load_encoder
+from tec_pipeline.models.student import TECStudent
+from tec_pipeline.store.cache import CacheConfig, cache_targets
+from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.train.pretrain import batch_targets, store_mismatches
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec
+
+pytestmark = needs_fashion_mnist
+K = 4
+
+
+@pytest.fixture(scope="module")
+def store(fmnist_shards: Path, pico_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "fp32 store.zarr"
+    cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out), views=2,
+                              topk=K, chunk_rows=64, codec="fp32", loader_workers=0))
+    return out
+
+
+def _first_batch(shards: Path, item_fn: object) -> dict:
+    return next(iter(normalized(stream_epoch(shards, item_fn, 32, seed=0, epoch=0))))
+
+
+def test_cached_step_equals_online_step(store: Path, fmnist_shards: Path, pico_base: Path) -> None:
+    arch = TargetStore.open(str(store)).attrs["base_model"]["arch"]["name"]
+    cached = _first_batch(fmnist_shards, CachedViews(str(store), 0, 16))
+    online = _first_batch(fmnist_shards, FreshViews(16, seed=0, view_id=0))
+    assert torch.equal(cached["rows"], online["rows"]) and torch.equal(cached["images"], online["images"])
+    base, _ = load_encoder(pico_base)
+    with torch.no_grad():
+        fresh = batch_targets(base, online["images"], K, 2)
+    from tec_pipeline.models.vit import resolve_arch
+
+    params, losses = [], []
+    noise = torch.rand(32, 16, generator=torch.Generator().manual_seed(1))
+    for targets in ({k: cached[k] for k in fresh}, fresh):
+        torch.manual_seed(0)
+        student = TECStudent(resolve_arch(arch), k=K)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.95))
+        out = student(cached["images"], targets, noise=noise)
+        out["loss"].backward()
+        opt.step()
+        losses.append(torch.stack([out["loss_fea"], out["loss_att"]]).detach())
+        params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6, rtol=0)
+    assert torch.allclose(params[0], params[1], atol=1e-6, rtol=0)
+
+
+def _pretrain_args(shards: Path, out: Path, source: list[str], *extra: str) -> list[str]:
+    return ["pretrain", *source, "--shards", str(shards), "--out", str(out), "--epochs", "2", "--batch-size", "32",
+            "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", *extra]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pth", weights_only=True)["model"]
+
+
+def test_sigkill_and_resume_gives_identical_weights(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
+    source = ["--targets", str(store)]
+    full = tmp_path / "full"
+    run_tec(*_pretrain_args(fmnist_shards, full, source), check=True)
+    killed = tmp_path / "killed run"
+    args = _pretrain_args(fmnist_shards, killed, source, "--save-every", "1")
+    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", *args], stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = killed / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 13:  # header + 12 steps: mid-epoch 2
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    position = torch.load(killed / "checkpoint.pth", weights_only=True)["data_position"]
+    assert (position["epoch"], position["batch"]) < (2, 0), "the run finished before it could be killed"
+    run_tec(*args, check=True)
+    a, b = _weights(full), _weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_torchrun_matches_one_process(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
+    source = ["--targets", str(store)]
+    one = tmp_path / "one"
+    run_tec(*_pretrain_args(fmnist_shards, one, source), check=True)
+    two = tmp_path / "two"
+    args = _pretrain_args(fmnist_shards, two, source)
+    args[args.index("--batch-size") + 1] = "16"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29517", "cli.py", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [ln for ln in proc.stdout.splitlines() if "optimizer steps" in ln]
+    assert steps, proc.stdout
+    rows_one = (one / "metrics.csv").read_text().splitlines()
+    rows_two = (two / "metrics.csv").read_text().splitlines()
+    assert len(rows_one) == len(rows_two)  # same global batch -> same number of steps
+    final = [float(r.splitlines()[-1].split(",")[3]) for r in (rows_one[-1], rows_two[-1])]
+    assert abs(final[0] - final[1]) < 0.1 * final[0], final
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_loss_falls(mode: str, store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
+    source = ["--targets", str(store)] if mode == "cached" else ["--base-model", str(pico_base), "--topk", str(K)]
+    out = tmp_path / mode
+    args = _pretrain_args(fmnist_shards, out, source)
+    args[args.index("--epochs") + 1] = "4"
+    run_tec(*args, check=True)
+    rows = [ln.split(",") for ln in (out / "metrics.csv").read_text().splitlines()[1:]]
+    losses = np.array([float(r[3]) for r in rows])
+    assert losses[-5:].mean() < 0.9 * losses[:5].mean(), losses
+
+
+def test_store_mismatches_are_named(store: Path, fmnist_shards: Path, tmp_path: Path, image_folder: Path) -> None:
+    from tec_pipeline.data.writing import write_shards
+    from tec_pipeline.models.vit import resolve_arch
+
+    target_store = TargetStore.open(str(store))
+    arch = resolve_arch("tec_pico_p4_16")
+    manifest = load_manifest(fmnist_shards)
+    assert store_mismatches(target_store, manifest, arch, K, False) == []
+    other = load_manifest(write_shards(f"imagefolder:{image_folder}", tmp_path / "o", progress=False) and tmp_path / "o")
+    assert "other shards" in store_mismatches(target_store, other, arch, K, False)[0]
+    bigger = dataclasses.replace(arch, img_size=20)
+    assert any("input size" in r for r in store_mismatches(target_store, manifest, bigger, K, False))
+    wider = dataclasses.replace(arch, embed_dim=64)
+    assert any("embed dim" in r for r in store_mismatches(target_store, manifest, wider, K, False))
+    assert any("top-4" in r for r in store_mismatches(target_store, manifest, arch, K + 1, False))
+
+
+def test_refusals_before_any_step(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    zarr.open_group(str(partial), mode="r+")["done"][0, 1] = False
+    out = tmp_path / "run"
+    proc = run_tec(*_pretrain_args(fmnist_shards, out, ["--targets", str(partial)]))
+    assert_one_line_error(proc)
+    assert "unfinished" in proc.stderr and not (out / "checkpoint.pth").exists()
+    wrong_model = run_tec(*_pretrain_args(fmnist_shards, out, ["--targets", str(store), "--model", "tec_micro_p4_28"]))
+    assert_one_line_error(wrong_model)
+    assert "input size" in wrong_model.stderr and "embed dim" in wrong_model.stderr
+    allowed = run_tec(*_pretrain_args(fmnist_shards, out, ["--targets", str(partial), "--allow-partial"]))
+    assert allowed.returncode == 0, allowed.stderr
