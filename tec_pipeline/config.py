@@ -30,7 +30,7 @@ def _load_yaml_defaults(ctx: click.Context, _param: click.Parameter, value: str 
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise click.BadParameter(f"{value} is not valid YAML ({e.__class__.__name__})", param_hint="--config")
+        raise click.BadParameter(f"{value} is not valid YAML ({e.__class__.__name__})", param_hint="--config") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value} must hold a mapping of option names to values", param_hint="--config")
     known = {p.name for p in ctx.command.params}

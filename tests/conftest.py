@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,8 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-def run_tec(*args: str, check: bool = False, **kwargs: object) -> "subprocess.CompletedProcess[str]":
+def run_tec(*args: str, check: bool = False, **kwargs: object) -> subprocess.CompletedProcess[str]:
     """`tec ARGS` in a fresh interpreter, as a user runs it."""
-    import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], capture_output=True, text=True,
@@ -71,7 +71,7 @@ def run_tec(*args: str, check: bool = False, **kwargs: object) -> "subprocess.Co
     return proc
 
 
-def assert_one_line_error(proc: "subprocess.CompletedProcess[str]", code: int = 2) -> None:
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("base model ")]
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

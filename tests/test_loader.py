@@ -20,7 +20,7 @@ def test_resume_mid_epoch_reproduces_remaining_batches(fmnist_shards: Path, work
     for start in (1, 5):
         rest = list(fresh_view_batches(fmnist_shards, 28, 16, seed=1, epoch=3, start_batch=start, workers=workers))
         assert len(rest) == len(full) - start
-        for a, b in zip(full[start:], rest):
+        for a, b in zip(full[start:], rest, strict=True):
             assert np.array_equal(a["rows"], b["rows"]) and np.array_equal(a["images"], b["images"])
 
 
@@ -53,4 +53,4 @@ def test_center_batches_in_row_order_with_labels(fmnist_shards: Path) -> None:
     assert rows.tolist() == list(range(300))
     assert all(b["labels"].min() >= 0 for b in batches)
     again = list(center_batches(fmnist_shards, 28, 128))
-    assert all(np.array_equal(a["images"], b["images"]) for a, b in zip(batches, again))
+    assert all(np.array_equal(a["images"], b["images"]) for a, b in zip(batches, again, strict=True))

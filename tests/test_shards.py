@@ -44,7 +44,7 @@ def test_fashion_mnist_shards_read_back_exact_pixels(fmnist_shards: Path) -> Non
     samples = list(iter_samples(fmnist_shards))
     assert [s.row for s in samples] == list(range(300))
     assert len({s.key for s in samples}) == 300 and not any("." in s.key for s in samples)
-    for sample, index in zip(samples, order):
+    for sample, index in zip(samples, order, strict=True):
         pixels = np.asarray(sample.image)
         assert pixels.shape == (28, 28, 3)
         assert np.array_equal(pixels[..., 0], images[index]) and np.array_equal(pixels[..., 2], images[index])

@@ -387,66 +387,22 @@ class TargetStore:
         }
 
     def check_integrity(self, read_data: bool = True) -> list[str]:
-        """Reasons the store is incomplete or damaged, as one-line strings (empty list: sound).
+        """Reasons the store is incomplete or damaged (empty list: sound); see `store.integrity`."""
+        from tec_pipeline.store.integrity import check_integrity
 
-        Checks every array against the spec (present, shape, dtype, chunks), lists tasks not done, and for
-        each done task checks that every array's chunk object exists and (read_data) decodes — CRC32C
-        included — to finite values. read_data=False skips the full read.
-        """
-        group, reasons, sound = self._ensure_open(), [], []
-        for layout, leading, chunk_rows in self.spec.arrays():
-            problem = layout_mismatch(group[layout.name], layout, leading, chunk_rows) if layout.name in group else (
-                f"array {layout.name} is missing")
-            reasons += [problem] if problem else []
-            sound += [] if problem else [layout]
-        if "done" not in {lay.name for lay in sound}:
-            return [*reasons, "cannot tell which tasks are done"]
-        done = self._readable_done(reasons)
-        tasks = self.tasks()
-        for view in range(self.spec.views):
-            pending = [t.index for t in tasks if t.view == view and not done[view, t.index]]
-            if pending:
-                listed = ", ".join(map(str, pending[:10])) + (", ..." if len(pending) > 10 else "")
-                reasons.append(f"view {view}: {len(pending)} of {done.shape[1]} tasks not done (tasks {listed})")
-        done_tasks = [t for t in tasks if done[t.view, t.index]]
-        for layout in sound:
-            if layout.name != "done":
-                reasons += self._check_chunks(layout, done_tasks, read_data)
-        return reasons
+        return check_integrity(self, read_data)
 
-    def _readable_done(self, reasons: list[str]) -> np.ndarray:
-        """done [V, T]; a flag whose chunk does not decode counts as not done and is reported."""
-        try:
-            return self.done_mask()
-        except Exception:  # noqa: BLE001 — a damaged flag object; find which, flag by flag
-            done = np.zeros((self.spec.views, self.spec.tasks_per_view), dtype=bool)
-            for task in self.tasks():
-                try:
-                    done[task.view, task.index] = self.is_done(task)
-                except Exception as e:  # noqa: BLE001 — any decode failure means a damaged object
-                    reasons.append(f"done flag of view {task.view} task {task.index} does not decode "
-                                   f"({e.__class__.__name__})")
-            return done
+    def keys_under(self, prefix: str) -> set[str]:
+        """Object keys under `prefix` (e.g. 'features/'), as stored."""
+        return self._keys(prefix)
 
-    def _check_chunks(self, layout: ArrayLayout, tasks: list[Task], read_data: bool) -> list[str]:
-        """Reasons why `layout`'s chunk of each done task is missing, undecodable or non-finite."""
-        arr, keys, out = self._array(layout.name), self._keys(f"{layout.name}/"), []
-        for task in tasks:
-            where = f"view {task.view} task {task.index} (rows {task.row_start}-{task.row_stop})"
-            key = f"{layout.name}/{arr.metadata.encode_chunk_key((task.view, task.index, *[0] * len(layout.trailing)))}"
-            if key not in keys:
-                out.append(f"{layout.name}: chunk of done {where} is missing")
-                continue
-            if not read_data:
-                continue
-            try:
-                values = arr[task.view, task.row_start : task.row_stop]
-            except Exception as e:  # noqa: BLE001 — any decode failure means a damaged object; keep checking
-                out.append(f"{layout.name}: chunk of {where} does not decode ({e.__class__.__name__})")
-                continue
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                out.append(f"{layout.name}: chunk of {where} holds non-finite values")
-        return out
+    def group(self) -> zarr.Group:
+        """The open zarr group (opened on first use, reopened after a fork)."""
+        return self._ensure_open()
+
+    def array(self, name: str) -> zarr.Array:
+        """The raw zarr array `name` (for integrity checks and tests; stages use read_rows/write_task)."""
+        return self._array(name)
 
 
 def _task_rows(spec: StoreSpec, task: Task, **inputs: np.ndarray) -> dict[str, np.ndarray]:

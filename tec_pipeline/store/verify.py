@@ -25,7 +25,7 @@ def _invalid_rows(store: TargetStore, limit: int = 20) -> list[str]:
     valid = store.valid_mask()
     done = np.repeat(store.done_mask(), store.spec.chunk_rows, axis=1)[:, : store.spec.rows]
     views, rows = np.nonzero(done & ~valid)
-    return [f"view {v} row {r}" for v, r in zip(views[:limit].tolist(), rows[:limit].tolist())]
+    return [f"view {v} row {r}" for v, r in zip(views[:limit].tolist(), rows[:limit].tolist(), strict=True)]
 
 
 def _within(stored: np.ndarray, recomputed: np.ndarray, bound: np.ndarray) -> float:

@@ -1,0 +1,73 @@
+"""Integrity checks of a target store for `tec verify`: arrays against the spec, done flags, every chunk of a
+done task present and decodable (CRC32C included) to finite values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tec_pipeline.store.codecs import ArrayLayout, layout_mismatch
+from tec_pipeline.store.layout import TargetStore, Task
+
+
+def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:
+    """Reasons the store is incomplete or damaged, as one-line strings (empty list: sound).
+
+    Checks every array against the spec (present, shape, dtype, chunks), lists tasks not done, and for
+    each done task checks that every array's chunk object exists and (read_data) decodes — CRC32C
+    included — to finite values. read_data=False skips the full read.
+    """
+    group, reasons, sound = store.group(), [], []
+    for layout, leading, chunk_rows in store.spec.arrays():
+        problem = layout_mismatch(group[layout.name], layout, leading, chunk_rows) if layout.name in group else (
+            f"array {layout.name} is missing")
+        reasons += [problem] if problem else []
+        sound += [] if problem else [layout]
+    if "done" not in {lay.name for lay in sound}:
+        return [*reasons, "cannot tell which tasks are done"]
+    done = _readable_done(store, reasons)
+    tasks = store.tasks()
+    for view in range(store.spec.views):
+        pending = [t.index for t in tasks if t.view == view and not done[view, t.index]]
+        if pending:
+            listed = ", ".join(map(str, pending[:10])) + (", ..." if len(pending) > 10 else "")
+            reasons.append(f"view {view}: {len(pending)} of {done.shape[1]} tasks not done (tasks {listed})")
+    done_tasks = [t for t in tasks if done[t.view, t.index]]
+    for layout in sound:
+        if layout.name != "done":
+            reasons += _check_chunks(store, layout, done_tasks, read_data)
+    return reasons
+
+def _readable_done(store: TargetStore, reasons: list[str]) -> np.ndarray:
+    """done [V, T]; a flag whose chunk does not decode counts as not done and is reported."""
+    try:
+        return store.done_mask()
+    except Exception:  # noqa: BLE001 — a damaged flag object; find which, flag by flag
+        done = np.zeros((store.spec.views, store.spec.tasks_per_view), dtype=bool)
+        for task in store.tasks():
+            try:
+                done[task.view, task.index] = store.is_done(task)
+            except Exception as e:  # noqa: BLE001 — any decode failure means a damaged object
+                reasons.append(f"done flag of view {task.view} task {task.index} does not decode "
+                               f"({e.__class__.__name__})")
+        return done
+
+def _check_chunks(store: TargetStore, layout: ArrayLayout, tasks: list[Task], read_data: bool) -> list[str]:
+    """Reasons why `layout`'s chunk of each done task is missing, undecodable or non-finite."""
+    arr, keys, out = store.array(layout.name), store.keys_under(f"{layout.name}/"), []
+    for task in tasks:
+        where = f"view {task.view} task {task.index} (rows {task.row_start}-{task.row_stop})"
+        key = f"{layout.name}/{arr.metadata.encode_chunk_key((task.view, task.index, *[0] * len(layout.trailing)))}"
+        if key not in keys:
+            out.append(f"{layout.name}: chunk of done {where} is missing")
+            continue
+        if not read_data:
+            continue
+        try:
+            values = arr[task.view, task.row_start : task.row_stop]
+        except Exception as e:  # noqa: BLE001 — any decode failure means a damaged object; keep checking
+            out.append(f"{layout.name}: chunk of {where} does not decode ({e.__class__.__name__})")
+            continue
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            out.append(f"{layout.name}: chunk of {where} holds non-finite values")
+    return out
