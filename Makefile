@@ -33,3 +33,4 @@ lint: install
 
 clean:
 	rm -rf $(VENV) runs
+include recipes.mk
