@@ -1,0 +1,51 @@
+"""Frozen-encoder evaluation (linear probe, kNN) of a checkpoint on labelled train/test shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tec_pipeline.config import require
+from tec_pipeline.eval.features import check_input_size, eval_device, shard_features
+from tec_pipeline.eval.knn import knn_evaluate
+from tec_pipeline.eval.linear import linear_probe
+from tec_pipeline.eval.report import evaluation_record
+
+METHODS = ("linprobe", "knn")
+
+
+@dataclass(frozen=True)
+class FrozenEvalConfig:
+    """Options of `tec linprobe` / `tec knn`."""
+
+    checkpoint: str
+    train_shards: str
+    test_shards: str
+    json: str | None = None
+    arch: str | None = None
+    batch_size: int = 256
+    limit_train: int | None = None
+    limit_test: int | None = None
+    seed: int = 0
+    k: int = 20
+    temperature: float = 0.07
+
+
+def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
+    """Load the encoder, extract centre-view features of both splits, run `method`; the JSON record."""
+    from tec_pipeline.models.base import load_encoder
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    require(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    require(cfg.k >= 1 and cfg.temperature > 0, f"--k must be >= 1 and --temperature > 0, got {cfg.k}, {cfg.temperature}")
+    encoder, info = load_encoder(cfg.checkpoint, cfg.arch)
+    check_input_size(cfg.arch, info.arch, cfg.checkpoint)
+    device, size = eval_device(), info.arch.img_size
+    train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device)
+    test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device)
+    if method == "knn":
+        result = knn_evaluate(train, test, cfg.k, cfg.temperature, device)
+    else:
+        result = linear_probe(train, test, cfg.seed, device)
+    return evaluation_record(method, info, len(train), len(test), cfg.seed, result)
