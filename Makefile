@@ -34,3 +34,4 @@ lint: install
 clean:
 	rm -rf $(VENV) runs
 include recipes.mk
+include reproduce.mk

@@ -26,6 +26,23 @@ COMMANDS: dict[str, str] = {
     "knn": "stages.evaluate:knn_command",
     "finetune": "stages.evaluate:finetune_command",
     "bench": "stages.bench",
+    "report": "stages.report",
+}
+# one-line help shown by `tec --help` without importing every stage (and torch)
+COMMAND_HELP: dict[str, str] = {
+    "make-shards": "Write images as shuffled WebDataset shards + manifest.",
+    "index-shards": "Write the manifest for existing WebDataset shards.",
+    "mae-pretrain": "Train a plain MAE base model from scratch.",
+    "cache-targets": "Stage 1: cache the base model's targets in a Zarr store.",
+    "inspect": "Summarise a target store.",
+    "verify": "Check a target store against its shards and base model.",
+    "pretrain": "Stage 2: train a TEC student from cached targets (or online).",
+    "convert": "Export an encoder as timm VisionTransformer weights (safetensors).",
+    "linprobe": "Linear probe of a frozen encoder.",
+    "knn": "kNN classification with a frozen encoder.",
+    "finetune": "Fine-tune an encoder end to end.",
+    "bench": "Measure what caching buys, side by side.",
+    "report": "Write the reproduction report of a `make reproduce` run.",
 }
 
 
@@ -39,6 +56,10 @@ class LazyGroup(click.Group):
         module, _, attr = COMMANDS[name].partition(":")
         return getattr(importlib.import_module(module), attr or "command")
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMAND_HELP[name]) for name in self.list_commands(ctx)])
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -47,17 +68,30 @@ def tec(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _usage_error_line(e: click.UsageError) -> str:
+    """click prints usage, a hint and the error on four lines; we print the error and the hint on one."""
+    hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    return f"Error: {_one_line(e.format_message())}{hint}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one line on stderr and exit code 2."""
     try:
         tec.main(args=argv, prog_name="tec", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        click.echo(_usage_error_line(e), err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"Error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except UserError as e:
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except click.Abort:
         click.echo("Aborted.", err=True)

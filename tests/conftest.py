@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tec_pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
 
 os.environ.setdefault("TEC_NO_PROGRESS", "1")
+# Tests run tiny ViTs, for which a second compute thread only adds contention (measured 10-50x slower steps
+# when the two cores are also decoding); subprocesses inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 FASHION_MNIST = Path(DEFAULT_FASHION_MNIST_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file() and not os.environ.get("CI"),
@@ -94,3 +99,17 @@ def save_base_checkpoint(path: Path, arch_name: str = "tec_pico_p4_16", seed: in
 @pytest.fixture(scope="session")
 def pico_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_base_checkpoint(tmp_path_factory.mktemp("base") / "pico base.pth")
+
+
+def tec_in_process(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`tec ARGS` run in this interpreter (no start-up cost), with its exit code and fd-level output."""
+    import cli
+
+    capfd.readouterr()
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)

@@ -20,7 +20,7 @@ from tec_pipeline.models.base import load_encoder
 from tec_pipeline.store.cache import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train.pretrain import batch_targets
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
 
 pytestmark = needs_fashion_mnist
 ARRAYS = ("features", "attention", "topk_index", "boxes", "valid", "done")
@@ -125,27 +125,28 @@ def test_sigkill_then_rerun_gives_identical_store(fp32_store: Path, fmnist_shard
 
 
 def test_verify_and_inspect_detect_problems(fp32_store: Path, fmnist_shards: Path, pico_base: Path,
-                                            tmp_path: Path, image_folder: Path) -> None:
+                                            tmp_path: Path, image_folder: Path,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     from tec_pipeline.data.writing import write_shards
 
-    ok = run_tec("verify", str(fp32_store), "--shards", str(fmnist_shards), "--recompute", "3")
+    ok = tec_in_process(capfd, "verify", str(fp32_store), "--shards", str(fmnist_shards), "--recompute", "3")
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
-    inspected = run_tec("inspect", str(fp32_store), "--json")
+    inspected = tec_in_process(capfd, "inspect", str(fp32_store), "--json")
     assert inspected.returncode == 0 and '"tasks_done": 10' in inspected.stdout
 
     other = tmp_path / "other"
     write_shards(f"imagefolder:{image_folder}", other, progress=False)
-    wrong = run_tec("verify", str(fp32_store), "--shards", str(other))
+    wrong = tec_in_process(capfd, "verify", str(fp32_store), "--shards", str(other))
     assert wrong.returncode == 1 and "other shards" in wrong.stderr
 
     broken = tmp_path / "broken.zarr"
     shutil.copytree(fp32_store, broken)
     zarr.open_group(str(broken), mode="r+")["done"][1, 2] = False
     (broken / "features" / "c" / "0" / "1" / "0" / "0").write_bytes(b"garbage")
-    result = run_tec("verify", str(broken), "--shards", str(fmnist_shards))
+    result = tec_in_process(capfd, "verify", str(broken), "--shards", str(fmnist_shards))
     assert result.returncode == 1
     assert "view 1: 1 of 5 tasks not done" in result.stderr and "features" in result.stderr
 
@@ -153,7 +154,7 @@ def test_verify_and_inspect_detect_problems(fp32_store: Path, fmnist_shards: Pat
 @pytest.mark.parametrize("case", ["missing_shards", "no_manifest", "unknown_codec", "views_0", "bad_checkpoint",
                                   "other_config"])
 def test_bad_input_one_line_exit_2(case: str, fp32_store: Path, fmnist_shards: Path, pico_base: Path,
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     (tmp_path / "empty").mkdir()
@@ -163,7 +164,7 @@ def test_bad_input_one_line_exit_2(case: str, fp32_store: Path, fmnist_shards: P
                  "unknown_codec": {"codec": "bf12"}, "views_0": {"views": "0"}, "bad_checkpoint": {"base-model": str(junk)},
                  "other_config": {"out": str(fp32_store), "topk": "3"}}[case])
     before = _arrays(fp32_store)
-    proc = run_tec("cache-targets", *[x for k, v in args.items() for x in (f"--{k}", v)])
+    proc = tec_in_process(capfd, "cache-targets", *[x for k, v in args.items() for x in (f"--{k}", v)])
     assert_one_line_error(proc)
     after = _arrays(fp32_store)
     assert all(np.array_equal(before[n], after[n]) for n in ARRAYS)  # nothing already written was touched

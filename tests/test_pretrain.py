@@ -23,7 +23,7 @@ from tec_pipeline.models.student import TECStudent
 from tec_pipeline.store.cache import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train.pretrain import batch_targets, store_mismatches
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
 
 pytestmark = needs_fashion_mnist
 K = 4
@@ -147,18 +147,19 @@ def test_store_mismatches_are_named(store: Path, fmnist_shards: Path, tmp_path: 
     assert any("top-4" in r for r in store_mismatches(target_store, manifest, arch, K + 1, False))
 
 
-def test_refusals_before_any_step(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
+def test_refusals_before_any_step(store: Path, fmnist_shards: Path, tmp_path: Path,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     partial = tmp_path / "partial.zarr"
     shutil.copytree(store, partial)
     zarr.open_group(str(partial), mode="r+")["done"][0, 1] = False
     out = tmp_path / "run"
-    proc = run_tec(*_pretrain_args(fmnist_shards, out, ["--targets", str(partial)]))
+    proc = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(partial)]))
     assert_one_line_error(proc)
     assert "unfinished" in proc.stderr and not (out / "checkpoint.pth").exists()
-    wrong_model = run_tec(*_pretrain_args(fmnist_shards, out, ["--targets", str(store), "--model", "tec_micro_p4_28"]))
+    wrong_model = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(store), "--model", "tec_micro_p4_28"]))
     assert_one_line_error(wrong_model)
     assert "input size" in wrong_model.stderr and "embed dim" in wrong_model.stderr
-    allowed = run_tec(*_pretrain_args(fmnist_shards, out, ["--targets", str(partial), "--allow-partial"]))
+    allowed = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(partial), "--allow-partial"]))
     assert allowed.returncode == 0, allowed.stderr

@@ -1,0 +1,90 @@
+# `make reproduce`: the whole pipeline on the embedded default (Fashion-MNIST), with a report.
+#
+#   shards -> MAE base (E1 epochs) -> cache-targets (V views) -> TEC student from the cache (E2 epochs)
+#          -> the same student online -> control: MAE continued to E1+E2 epochs -> convert
+#          -> linear probe + kNN of every arm -> runs/reproduce/report.md
+#
+# Every step is a file target, so an interrupted `make reproduce` continues where it stopped (and each tec
+# command resumes its own run). QUICK=1 is a first look in under 5 minutes; overrides: N_TRAIN, E1, E2, ...
+# Two CPU cores: one compute thread and one loader worker per step is the fastest layout for these tiny ViTs
+# (a second compute thread competes with decoding and slows small matmuls down).
+
+QUICK ?= 0
+ifeq ($(QUICK),1)
+REPRO_OUT ?= runs/reproduce-quick
+N_TRAIN ?= 2000
+N_TEST ?= 1000
+E1 ?= 3
+E2 ?= 3
+else
+REPRO_OUT ?= runs/reproduce
+N_TRAIN ?= 10000
+N_TEST ?= 10000
+E1 ?= 10
+E2 ?= 10
+endif
+REPRO_ARCH ?= tec_micro_p4_28
+VIEWS ?= 2
+TOPK ?= 15
+ATT_TAU ?= 1.8
+REPRO_BATCH ?= 128
+REPRO_BLR ?= 1e-3
+REPRO_CODEC ?= fp16
+LOADER_WORKERS ?= 1
+REPRO_THREADS ?= 1
+R := $(REPRO_OUT)
+TRAIN_OPTS := --batch-size $(REPRO_BATCH) --blr $(REPRO_BLR) --warmup-epochs 1 --workers $(LOADER_WORKERS) --seed 0
+EVAL_OPTS := --train-shards $(R)/shards/train --test-shards $(R)/shards/test
+ARMS := base tec-cached tec-online mae-control
+
+# $(call timed,NAME,COMMAND): run COMMAND, record it in commands.sh and its wall time (ms) in timing/NAME.ms
+timed = mkdir -p $(R)/timing && echo '$(2)' >> $(R)/commands.sh && \
+	start=$$(date +%s%N) && OMP_NUM_THREADS=$(REPRO_THREADS) $(2) && \
+	echo $$(( ($$(date +%s%N) - start) / 1000000 )) > $(R)/timing/$(1).ms
+
+# keep every intermediate file: each is a resumable step of the pipeline
+.SECONDARY:
+.PHONY: reproduce reproduce-report
+reproduce: install $(R)/report.md
+	@echo "report: $(R)/report.md"
+
+$(R)/shards/%/manifest.json: | install
+	@mkdir -p $(R)
+	$(call timed,shards-$*,$(TEC) make-shards fashion-mnist --split $* --out $(R)/shards/$* --limit $(if $(filter train,$*),$(N_TRAIN),$(N_TEST)) --shard-size 1000 --overwrite)
+
+$(R)/base.pth: $(R)/shards/train/manifest.json
+	$(call timed,base,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae --model $(REPRO_ARCH) --epochs $(E1) $(TRAIN_OPTS))
+	cp $(R)/mae/checkpoint.pth $@
+
+$(R)/targets.zarr/zarr.json: $(R)/base.pth
+	$(call timed,cache,$(TEC) cache-targets --shards $(R)/shards/train --base-model $(R)/base.pth --out $(R)/targets.zarr --views $(VIEWS) --topk $(TOPK) --codec $(REPRO_CODEC) --chunk-rows 250 --batch-size 250 --loader-workers $(LOADER_WORKERS))
+
+$(R)/tec-cached/done: $(R)/targets.zarr/zarr.json
+	$(call timed,tec-cached,$(TEC) pretrain --targets $(R)/targets.zarr --shards $(R)/shards/train --out $(R)/tec-cached --epochs $(E2) --att-tau $(ATT_TAU) $(TRAIN_OPTS))
+	touch $@
+
+$(R)/tec-online/done: $(R)/base.pth
+	$(call timed,tec-online,$(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(R)/tec-online --epochs $(E2) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS))
+	touch $@
+
+# The control continues the base model's own run (same optimizer state) for E2 more epochs.
+$(R)/mae-control/done: $(R)/base.pth
+	rm -rf $(R)/mae-control && cp -r $(R)/mae $(R)/mae-control
+	$(call timed,mae-control,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae-control --model $(REPRO_ARCH) --epochs $$(($(E1) + $(E2))) $(TRAIN_OPTS))
+	touch $@
+
+$(R)/encoders/base.safetensors: $(R)/base.pth
+	$(TEC) convert $< --out $@
+$(R)/encoders/%.safetensors: $(R)/%/done
+	$(TEC) convert $(R)/$*/checkpoint.pth --out $@
+
+$(R)/evals/%-linprobe.json: $(R)/encoders/%.safetensors $(R)/shards/test/manifest.json
+	$(call timed,linprobe-$*,$(TEC) linprobe --checkpoint $< $(EVAL_OPTS) --json $@)
+$(R)/evals/%-knn.json: $(R)/encoders/%.safetensors $(R)/shards/test/manifest.json
+	$(call timed,knn-$*,$(TEC) knn --checkpoint $< $(EVAL_OPTS) --json $@)
+
+$(R)/report.md: $(foreach a,$(ARMS),$(R)/evals/$(a)-linprobe.json $(R)/evals/$(a)-knn.json)
+	$(TEC) report $(R) --views $(VIEWS) --e1 $(E1) --e2 $(E2)
+
+reproduce-report:
+	$(TEC) report $(R) --views $(VIEWS) --e1 $(E1) --e2 $(E2)

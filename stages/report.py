@@ -1,0 +1,17 @@
+"""`tec report RUN`: the reproduction report from what `make reproduce` left in RUN."""
+
+from __future__ import annotations
+
+import click
+
+from tec_pipeline.repro.report import write_report
+
+
+@click.command("report")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--views", default=2, show_default=True, type=click.IntRange(min=1), help="V of the target store.")
+@click.option("--e1", default=10, show_default=True, type=click.IntRange(min=1), help="Base-model epochs.")
+@click.option("--e2", default=10, show_default=True, type=click.IntRange(min=1), help="Student epochs.")
+def command(run: str, views: int, e1: int, e2: int) -> None:
+    """Write RUN/report.md with the results table, loss curves, accuracy chart, commands and configs."""
+    click.echo(f"report -> {write_report(run, views, e1, e2)}")
