@@ -29,6 +29,7 @@ from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretr
 @click.option("--last-layers", default=2, show_default=True, type=int, help="Online mode: blocks averaged.")
 @click.option("--view-policy", default="cycle", show_default=True, type=click.Choice(VIEW_POLICIES),
               help="cycle: view = epoch mod V; first: always view 0.")
+@click.option("--views", default=None, type=int, help="Use only the store's first N views (default: all).")
 @click.option("--masks-per-view", default=1, show_default=True, type=int, help="Student masks per loaded view.")
 @click.option("--workers", default=0, show_default=True, type=int, help="Loader worker processes.")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from tec_pipeline.repro.ablation import write_ablation_report
 from tec_pipeline.repro.report import write_report
 
 
@@ -12,6 +13,8 @@ from tec_pipeline.repro.report import write_report
 @click.option("--views", default=2, show_default=True, type=click.IntRange(min=1), help="V of the target store.")
 @click.option("--e1", default=10, show_default=True, type=click.IntRange(min=1), help="Base-model epochs.")
 @click.option("--e2", default=10, show_default=True, type=click.IntRange(min=1), help="Student epochs.")
-def command(run: str, views: int, e1: int, e2: int) -> None:
+@click.option("--ablation", is_flag=True, help="RUN is a `make ablate-views` run (uses --e2 as its epochs).")
+def command(run: str, views: int, e1: int, e2: int, ablation: bool) -> None:
     """Write RUN/report.md with the results table, loss curves, accuracy chart, commands and configs."""
-    click.echo(f"report -> {write_report(run, views, e1, e2)}")
+    path = write_ablation_report(run, e2) if ablation else write_report(run, views, e1, e2)
+    click.echo(f"report -> {path}")

@@ -19,6 +19,7 @@ from tec_pipeline.config import require
 from tec_pipeline.data.cached import TARGET_KEYS, CachedViews
 from tec_pipeline.data.loader import FreshViews, normalized, steps_per_epoch, stream_epoch
 from tec_pipeline.data.shards import Manifest, load_manifest
+from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
 from tec_pipeline.models.targets import compute_targets, normalize_features
@@ -51,6 +52,7 @@ class PretrainConfig:
     topk: int | None = None  # default: the store's k (cached) or 15 (online)
     last_layers: int = 2  # online mode only; cached mode uses the store's
     view_policy: str = "cycle"  # cycle: view = epoch mod V; first: always view 0
+    views: int | None = None  # use only the store's first N views (default: all V)
     masks_per_view: int = 1
     workers: int = 0
     seed: int = 0
@@ -123,7 +125,12 @@ class _Step:
 
 
 def _student_arch(cfg: PretrainConfig, base_arch: ViTArch) -> ViTArch:
-    return resolve_arch(cfg.model) if cfg.model else base_arch
+    if not cfg.model:
+        return base_arch
+    try:
+        return resolve_arch(cfg.model)
+    except ValueError as e:  # an unknown --model is bad input, not a crash
+        raise UserError(str(e)) from None
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
@@ -139,6 +146,8 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         reasons = store_mismatches(store, manifest, arch, k, cfg.allow_partial)
         require(not reasons, f"cannot train from {cfg.targets}: " + "; ".join(reasons))
         rows, last_layers, views = store.spec.rows, store.attrs["targets"]["last_layers"], store.spec.views
+        require(cfg.views is None or 1 <= cfg.views <= views, f"--views must be in 1..{views} (the store's V)")
+        views = cfg.views or views
     else:
         base, ckpt = load_encoder(cfg.base_model, cfg.base_arch)
         arch, k = _student_arch(cfg, ckpt.arch), cfg.topk or 15
