@@ -216,3 +216,18 @@ def test_file_sha256_streams_whole_file(tmp_path: Path) -> None:
     data = bytes(range(256)) * 9000  # > 2 MiB: several 1 MiB blocks
     (tmp_path / "blob").write_bytes(data)
     assert file_sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+
+
+def test_random_encoder_spec_is_a_seeded_baseline() -> None:
+    from tec_pipeline.models.base import load_encoder
+
+    state = torch.random.get_rng_state()
+    a, info = load_encoder("random:tec_pico_p4_16")
+    b, _ = load_encoder("random:tec_pico_p4_16@0")
+    c, _ = load_encoder("random:tec_pico_p4_16@1")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert info.fmt == "random" and info.arch.name == "tec_pico_p4_16"
+    assert torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+    with pytest.raises(UserError, match="unknown architecture"):
+        load_encoder("random:vit_gigantic")

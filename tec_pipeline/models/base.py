@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from tec_pipeline.config import require
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.vit import ViTArch, build_vit, fold_mlp_cls_token, resolve_arch
 
@@ -213,6 +214,24 @@ def check_encoder_keys(state_dict: Mapping[str, Any], expected: Mapping[str, tor
     return {k: v for k, v in state_dict.items() if k in expected}
 
 
+RANDOM_PREFIX = "random:"
+
+
+def random_encoder(spec: str) -> EncoderCheckpoint:
+    """`random:ARCH[@SEED]`: a randomly initialised encoder (timm init, seed 0 by default), the floor that
+    every pretrained encoder should beat; its 'sha256' identifies the spec."""
+    name, _, seed = spec.removeprefix(RANDOM_PREFIX).partition("@")
+    require(seed == "" or seed.isdigit(), f"{spec}: the seed after @ must be an integer")
+    try:
+        arch = resolve_arch(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with torch.random.fork_rng():  # a baseline must not disturb the caller's random stream
+        torch.manual_seed(int(seed or 0))
+        state_dict = build_vit(arch).state_dict()
+    return EncoderCheckpoint(state_dict, arch, "random", hashlib.sha256(spec.encode()).hexdigest(), spec)
+
+
 def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | None = None,
                             arch_flag: str = "--base-arch") -> EncoderCheckpoint:
     """Read any supported checkpoint format as a checked timm ViT encoder state dict (see module docstring).
@@ -220,6 +239,8 @@ def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | None = Non
     arch: a preset or timm ViT name, used when the checkpoint records no architecture.
     arch_flag: the command-line flag that sets `arch`, named in error messages.
     """
+    if str(path).startswith(RANDOM_PREFIX):
+        return random_encoder(str(path))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such checkpoint file: {path}")
@@ -245,7 +266,8 @@ def load_encoder(path: str | os.PathLike[str], arch: str | None = None,
     Keys the checkpoint lacks (only allow-listed ones: the final norm) keep timm's initialisation.
     """
     ckpt = read_encoder_checkpoint(path, arch, arch_flag)
-    model = build_vit(ckpt.arch)
+    with torch.random.fork_rng():  # loading a model must not shift the caller's random stream
+        model = build_vit(ckpt.arch)
     result = model.load_state_dict(ckpt.state_dict, strict=False)
     # read_encoder_checkpoint already refused anything else; this guards the check itself.
     assert not result.unexpected_keys and all(k.startswith(ALLOWED_MISSING) for k in result.missing_keys)
