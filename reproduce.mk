@@ -2,7 +2,7 @@
 #
 #   shards -> MAE base (E1 epochs) -> cache-targets (V views) -> TEC student from the cache (E2 epochs)
 #          -> the same student online -> control: MAE continued to E1+E2 epochs -> convert
-#          -> linear probe + kNN of every arm -> runs/reproduce/report.md
+#          -> linear probe + kNN of every arm (and of a random-init encoder, the floor) -> report.md
 #
 # Every step is a file target, so an interrupted `make reproduce` continues where it stopped (and each tec
 # command resumes its own run). QUICK=1 is a first look in under 5 minutes; overrides: N_TRAIN, E1, E2, ...
@@ -35,7 +35,7 @@ REPRO_THREADS ?= 1
 R := $(REPRO_OUT)
 TRAIN_OPTS := --batch-size $(REPRO_BATCH) --blr $(REPRO_BLR) --warmup-epochs 1 --workers $(LOADER_WORKERS) --seed 0
 EVAL_OPTS := --train-shards $(R)/shards/train --test-shards $(R)/shards/test
-ARMS := base tec-cached tec-online mae-control
+ARMS := random base tec-cached tec-online mae-control
 
 # $(call timed,NAME,COMMAND): run COMMAND, record it in commands.sh and its wall time (ms) in timing/NAME.ms
 timed = mkdir -p $(R)/timing && echo '$(2)' >> $(R)/commands.sh && \
@@ -75,6 +75,8 @@ $(R)/mae-control/done: $(R)/base.pth
 
 $(R)/encoders/base.safetensors: $(R)/base.pth
 	$(TEC) convert $< --out $@
+$(R)/encoders/random.safetensors: | install
+	$(TEC) convert random:$(REPRO_ARCH) --out $@
 $(R)/encoders/%.safetensors: $(R)/%/done
 	$(TEC) convert $(R)/$*/checkpoint.pth --out $@
 

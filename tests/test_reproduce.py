@@ -19,9 +19,10 @@ def test_reproduce_pipeline_writes_report_and_figures(tmp_path: Path) -> None:
     proc = subprocess.run(["make", "reproduce", *settings], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["arms"]) == {"base", "tec-cached", "tec-online", "mae-control"}
-    for arm in results["arms"].values():
-        assert 0 < arm["linprobe_top1"] <= 100 and 0 < arm["knn_top1"] <= 100 and arm["seconds"] > 0
+    assert set(results["arms"]) == {"random", "base", "tec-cached", "tec-online", "mae-control"}
+    for name, arm in results["arms"].items():
+        assert 0 < arm["linprobe_top1"] <= 100 and 0 < arm["knn_top1"] <= 100
+        assert (arm["seconds"] is None) == (name == "random") and (arm["seconds"] or 1) > 0
     assert results["arms"]["tec-cached"]["base_forward_passes"] == 2 * 300  # V=2 views, paid once
     assert results["store"]["image_views"] == 600
     report = (out / "report.md").read_text()
