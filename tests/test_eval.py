@@ -26,15 +26,6 @@ from tests.conftest import needs_fashion_mnist
 MICRO = resolve_arch("tec_micro_p4_28")  # Fashion-MNIST size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a loaded machine (no OpenMP spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def clustered(n: int, classes: int, dim: int, seed: int, random_labels: bool = False) -> Features:
     """Gaussian clusters (well separated) in `dim` dims; optionally labels unrelated to the clusters."""
     g = torch.Generator().manual_seed(seed)

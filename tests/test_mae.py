@@ -24,15 +24,6 @@ from tests.conftest import needs_fashion_mnist
 ARCH = resolve_arch("tec_pico_p4_16")  # 16 px, patch 4 → L = 16, D = 48, depth 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a loaded machine (no OpenMP spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_mae(**kw) -> MaskedAutoencoder:
     torch.manual_seed(0)
     return MaskedAutoencoder(ARCH, MAEConfig(decoder_depth=1, **kw))

@@ -16,15 +16,6 @@ from tec_pipeline.train.optim import weight_decay_groups
 from tec_pipeline.train.schedule import absolute_lr, effective_batch, lr_at, lr_at_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a loaded machine (no OpenMP spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Toy(nn.Module):
     """Linear → LayerNorm → dropout, plus a 3-D token: exercises decay groups and the RNG restore."""
 

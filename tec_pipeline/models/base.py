@@ -36,6 +36,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from tec_pipeline.config import require
+from tec_pipeline.data.shards import file_sha256  # noqa: F401 - re-exported: checkpoints are hashed alike
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.vit import ViTArch, build_vit, fold_mlp_cls_token, resolve_arch
 
@@ -62,15 +63,6 @@ class EncoderCheckpoint:
     fmt: str
     sha256: str
     path: str
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_torch(path: Path) -> Any:

@@ -17,7 +17,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from tec_pipeline.models.vit import ViTArch, sincos_pos_embed_2d
+from tec_pipeline.models.vit import ViTArch, init_mae_layers, sincos_pos_embed_2d
 
 DECODER_PREFIXES = ("decoder_", "mask_token")  # keys that are not part of the encoder
 
@@ -81,14 +81,7 @@ class MaskedAutoencoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_mae_layers)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] → [B, L, p·p·3] (row-major patches, pixel order (p, q, c) as in MAE)."""

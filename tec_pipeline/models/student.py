@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from tec_pipeline.models.losses import attention_loss, feature_loss
-from tec_pipeline.models.vit import ViTArch, sincos_pos_embed_2d
+from tec_pipeline.models.vit import ViTArch, init_mae_layers, sincos_pos_embed_2d
 
 # Encoder, decoder and head norms use eps 1e-6; the encoder adaptor's two norms use PyTorch's default 1e-5
 # (spec §13.1). timm's Block defaults to exact GELU (nn.GELU) and drop_path 0, which TEC needs (spec §13.5).
@@ -146,17 +146,6 @@ class AttentionHead(_DecoderHead):
         return logits[..., 1:].permute(0, 2, 1, 3)
 
 
-def _init_mae(module: nn.Module) -> None:
-    """MAE initialisation: xavier-uniform Linear weights with zero bias, LayerNorm (1, 0)."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class TECStudent(nn.Module):
     """TEC student for any `ViTArch` (spec §3): predicts a base model's enhanced targets from a masked view.
 
@@ -209,7 +198,7 @@ class TECStudent(nn.Module):
         for head in (self.forward_fea_decoder, getattr(self, "forward_att_decoder", None)):
             if head is not None:
                 nn.init.normal_(head.mask_token, std=0.02)
-        self.apply(_init_mae)
+        self.apply(init_mae_layers)
 
     def _cls_input(self, batch: int) -> Tensor:
         """The encoder's CLS input [B, 1, D]; the MLP acts on the single learned token, not per image."""

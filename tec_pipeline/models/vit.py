@@ -142,3 +142,14 @@ def fold_mlp_cls_token(state_dict: dict[str, torch.Tensor], prefix: str = "cls_t
     folded = torch.nn.functional.linear(hidden, state_dict[f"{prefix}fc2.weight"].float(), state_dict[f"{prefix}fc2.bias"].float())
     out["cls_token"] = folded.to(state_dict["cls_token"].dtype)
     return out
+
+
+def init_mae_layers(module: torch.nn.Module) -> None:
+    """MAE initialisation for `module.apply`: xavier-uniform Linear weights with zero bias, LayerNorm (1, 0)."""
+    if isinstance(module, torch.nn.Linear):
+        torch.nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    elif isinstance(module, torch.nn.LayerNorm):
+        torch.nn.init.ones_(module.weight)
+        torch.nn.init.zeros_(module.bias)
