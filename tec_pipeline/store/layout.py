@@ -32,6 +32,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,14 @@ def _zarr_store(url: str, read_only: bool) -> Store:
     return LocalStore(path, read_only=read_only)
 
 
+def _remove_torn_writes(root: Path) -> None:
+    """Delete `*.partial` files: Zarr's local atomic writes go to one and rename it into place, so a writer killed
+    mid-write leaves it behind. Called before a run writes; a writer running right now elsewhere on the same
+    store would lose its write (its task then fails and stays pending, to be redone)."""
+    for leftover in root.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
+
+
 async def _collect(items: AsyncIterator[str]) -> list[str]:
     return [item async for item in items]
 
@@ -180,6 +189,7 @@ class TargetStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._tec: dict[str, Any] = {}
         self._spec: StoreSpec | None = None
+        self._known_done: set[tuple[int, int]] = set()  # (view, task) seen done; a done flag is never cleared
 
     def __getstate__(self) -> dict[str, str]:
         # only the address travels: every process (loader worker, dask worker) opens its own Zarr handles
@@ -227,6 +237,8 @@ class TargetStore:
                 f"{url} holds a target store made with other settings ({'; '.join(diffs[:6])}); "
                 "choose another --out or delete it"
             )
+        if isinstance(zstore, LocalStore):
+            _remove_torn_writes(zstore.root)
         store._ensure_arrays()  # also completes a creation that was killed half-way
         return store
 
@@ -328,27 +340,43 @@ class TargetStore:
         # all arrays at once: their chunks compress in parallel on Zarr's thread pool
         sync(_gather([self._array(k).async_array.setitem(region, v) for k, v in encoded.items()]))
         self._array("done")[task.view, task.index] = True  # only after every data chunk is stored
+        self._known_done.add((task.view, task.index))
 
     def read_rows(self, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of one view, one slice read per array (concurrently), decoded.
 
         Returns features float32 [n, L, D], attention float32 [n, 1+k, H, L], topk_index int64 [n, k],
-        boxes int32 [n, 5], valid bool [n]. Rows of tasks not done come back as zeros with valid False.
+        boxes int32 [n, 5], valid bool [n]. Rows of tasks not done come back as zeros with valid False, also
+        when their data is there (a writer killed between its data and its done flag).
         """
         spec = self.spec
         if not (0 <= view < spec.views and 0 <= start <= stop <= spec.rows):
             raise ValueError(f"rows [{start}, {stop}) of view {view} are outside the store ({spec.views}×{spec.rows})")
         names = spec.row_arrays
         region = (view, slice(start, stop))
-        stored = dict(zip(names, sync(_gather([self._array(k).async_array.getitem(region) for k in names])), strict=True))
+        c = spec.chunk_rows
+        first, last = start // c, -(-stop // c)  # tasks holding the rows
+        check_done = any((view, t) not in self._known_done for t in range(first, last))
+        reads = [self._array(k).async_array.getitem(region) for k in names]
+        if check_done:  # read with the data, concurrently
+            reads.append(self._array("done").async_array.getitem((view, slice(first, last))))
+        results = sync(_gather(reads))
+        stored = dict(zip(names, results[: len(names)], strict=True))
         codec = self.codec
-        return {
+        rows = {
             "features": codec.features.decode(stored),
             "attention": codec.attention.decode(stored),
             "topk_index": stored["topk_index"].astype(np.int64),
             "boxes": stored["boxes"],
             "valid": stored["valid"],
         }
+        if check_done:
+            done = np.asarray(results[-1], dtype=bool)
+            self._known_done.update((view, first + int(t)) for t in np.flatnonzero(done))
+            unfinished = ~np.repeat(done, c)[start - first * c : stop - first * c]
+            for value in rows.values() if unfinished.any() else ():
+                value[unfinished] = 0
+        return rows
 
     def _keys(self, prefix: str) -> set[str]:
         return set(sync(_collect(self._ensure_open().store.list_prefix(prefix))))

@@ -128,7 +128,16 @@ def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    return tdist.default_device() if name == "auto" else torch.device(name)
+    if name == "auto":
+        return tdist.default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda[:N]") from None
+    cuda_missing = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if device.type not in ("cpu", "cuda") or cuda_missing:
+        raise UserError(f"--device {name} is not available here; use auto, cpu or cuda[:N] (with a GPU)")
+    return device
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -227,8 +236,9 @@ def _loss_terms(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _non_finite_message(loss: float, epoch: int, step: int, run_dir: Path) -> str:
     latest = run_dir / ckpt_io.LATEST
     last_good = str(latest) if latest.exists() else "none written yet"
-    return (f"loss became {loss} at epoch {epoch} step {step}; last good checkpoint: {last_good} — lower --blr, "
-            "add --clip-grad or lengthen --warmup-epochs, then rerun (it resumes from that checkpoint)")
+    # only flags every training command has (tec pretrain has no --clip-grad)
+    return (f"loss became {loss} at epoch {epoch} step {step}; last good checkpoint: {last_good} — lower --blr "
+            "or lengthen --warmup-epochs, then rerun (it resumes from that checkpoint)")
 
 
 def _optimizer_step(run: _Run, it: Iterator[Batch], group: int, step_fn: StepFn, epoch: int,
@@ -359,8 +369,8 @@ def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]
     extra = dict(checkpoint_extra or {})
     if clash := RESERVED_KEYS & set(extra):
         raise ValueError(f"checkpoint_extra may not set {sorted(clash)}")
+    run = _build_run(model, steps_per_epoch, cfg, run_dir)  # first: bad settings leave no run directory
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = _build_run(model, steps_per_epoch, cfg, run_dir)
     latest = run_dir / ckpt_io.LATEST
     start = _restore(run, latest) if cfg.resume and latest.exists() else None
     total_steps = cfg.epochs * run.steps_per_epoch
