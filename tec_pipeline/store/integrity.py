@@ -1,13 +1,17 @@
-"""Integrity checks of a target store for `tec verify`: arrays against the spec, done flags, every chunk of a
-done task present and decodable (CRC32C included) to finite values.
+"""Inspection and integrity of a target store: the `tec inspect` summary, and the `tec verify` checks (arrays
+against the spec, done flags, every chunk of a done task present and decodable, CRC32C included, to finite
+values).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 
 from tec_pipeline.store.codecs import ArrayLayout, layout_mismatch
-from tec_pipeline.store.layout import TargetStore, Task
+from tec_pipeline.store.layout import FORMAT_VERSION, TargetStore, Task
 
 
 def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:
@@ -71,3 +75,34 @@ def _check_chunks(store: TargetStore, layout: ArrayLayout, tasks: list[Task], re
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             out.append(f"{layout.name}: chunk of {where} holds non-finite values")
     return out
+
+
+def describe(store: TargetStore) -> dict[str, Any]:
+    """Summary for `tec inspect`: spec, progress, invalid rows, bytes per array, attributes.
+
+    Per array: stored_bytes = sizes of its chunk objects as stored (compressed), raw_bytes = its full
+    uncompressed size, and both per image-view (stored over the rows of done tasks, raw over V·N) — the
+    figure of tec-method §9. The top-level stored_bytes counts every object, metadata included.
+    """
+    spec, done = store.spec, store.done_mask()
+    row_done = np.repeat(done, spec.chunk_rows, axis=1)[:, : spec.rows]
+    rows_done = int(row_done.sum())
+    arrays: dict[str, dict[str, Any]] = {}
+    for name in [*spec.row_arrays, "done"]:
+        arr = store.array(name)
+        stored, raw = store.stored_bytes(f"{name}/c/"), math.prod(arr.shape) * arr.dtype.itemsize
+        arrays[name] = {
+            "shape": list(arr.shape), "chunks": list(arr.chunks), "dtype": str(arr.dtype),
+            "stored_bytes": stored, "raw_bytes": raw,
+            "stored_bytes_per_image_view": stored / rows_done if rows_done else None,
+            "raw_bytes_per_image_view": raw / (spec.views * spec.rows),
+        }
+    total = store.stored_bytes("")
+    return {
+        "url": store.url, "format_version": FORMAT_VERSION, "codec": spec.codec, "spec": spec.to_dict(),
+        "views": spec.views, "rows": spec.rows, "chunk_rows": spec.chunk_rows,
+        "tasks_total": int(done.size), "tasks_done": int(done.sum()), "rows_done": rows_done,
+        "invalid_rows": int((row_done & ~store.valid_mask()).sum()),
+        "stored_bytes": total, "stored_bytes_per_image_view": total / rows_done if rows_done else None,
+        "arrays": arrays, "attrs": store.attrs,
+    }

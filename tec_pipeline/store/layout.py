@@ -385,40 +385,20 @@ class TargetStore:
         return int(sync(self._ensure_open().store.getsize_prefix(prefix)))
 
     def describe(self) -> dict[str, Any]:
-        """Summary for `tec inspect`: spec, progress, invalid rows, bytes per array, attributes.
+        """Summary for `tec inspect` (spec, progress, bytes per array); see `store.integrity.describe`."""
+        from tec_pipeline.store.integrity import describe
 
-        Per array: stored_bytes = sizes of its chunk objects as stored (compressed), raw_bytes = its full
-        uncompressed size, and both per image-view (stored over the rows of done tasks, raw over V·N) — the
-        figure of tec-method §9. The top-level stored_bytes counts every object, metadata included.
-        """
-        spec, done = self.spec, self.done_mask()
-        row_done = np.repeat(done, spec.chunk_rows, axis=1)[:, : spec.rows]
-        rows_done = int(row_done.sum())
-        arrays: dict[str, dict[str, Any]] = {}
-        for name in [*spec.row_arrays, "done"]:
-            arr = self._array(name)
-            stored, raw = self._stored_bytes(f"{name}/c/"), math.prod(arr.shape) * arr.dtype.itemsize
-            arrays[name] = {
-                "shape": list(arr.shape), "chunks": list(arr.chunks), "dtype": str(arr.dtype),
-                "stored_bytes": stored, "raw_bytes": raw,
-                "stored_bytes_per_image_view": stored / rows_done if rows_done else None,
-                "raw_bytes_per_image_view": raw / (spec.views * spec.rows),
-            }
-        total = self._stored_bytes("")
-        return {
-            "url": self.url, "format_version": FORMAT_VERSION, "codec": spec.codec, "spec": spec.to_dict(),
-            "views": spec.views, "rows": spec.rows, "chunk_rows": spec.chunk_rows,
-            "tasks_total": int(done.size), "tasks_done": int(done.sum()), "rows_done": rows_done,
-            "invalid_rows": int((row_done & ~self.valid_mask()).sum()),
-            "stored_bytes": total, "stored_bytes_per_image_view": total / rows_done if rows_done else None,
-            "arrays": arrays, "attrs": self.attrs,
-        }
+        return describe(self)
 
     def check_integrity(self, read_data: bool = True) -> list[str]:
         """Reasons the store is incomplete or damaged (empty list: sound); see `store.integrity`."""
         from tec_pipeline.store.integrity import check_integrity
 
         return check_integrity(self, read_data)
+
+    def stored_bytes(self, prefix: str) -> int:
+        """Total size of the objects under `prefix` ('' = the whole store), as stored."""
+        return self._stored_bytes(prefix)
 
     def keys_under(self, prefix: str) -> set[str]:
         """Object keys under `prefix` (e.g. 'features/'), as stored."""
