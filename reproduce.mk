@@ -6,8 +6,8 @@
 #
 # Every step is a file target, so an interrupted `make reproduce` continues where it stopped (and each tec
 # command resumes its own run). QUICK=1 is a first look in under 5 minutes; overrides: N_TRAIN, E1, E2, ...
-# Two CPU cores: one compute thread and one loader worker per step is the fastest layout for these tiny ViTs
-# (a second compute thread competes with decoding and slows small matmuls down).
+# Two CPU cores: while training, one compute thread and one loader worker is the fastest layout for these tiny
+# ViTs (a second compute thread competes with decoding); evaluation decodes in-process, so it takes both.
 
 QUICK ?= 0
 ifeq ($(QUICK),1)
@@ -18,10 +18,10 @@ E1 ?= 3
 E2 ?= 3
 else
 REPRO_OUT ?= runs/reproduce
-N_TRAIN ?= 10000
-N_TEST ?= 10000
-E1 ?= 10
-E2 ?= 10
+N_TRAIN ?= 6000
+N_TEST ?= 5000
+E1 ?= 8
+E2 ?= 8
 endif
 REPRO_ARCH ?= tec_micro_p4_28
 VIEWS ?= 2
@@ -32,14 +32,16 @@ REPRO_BLR ?= 1e-3
 REPRO_CODEC ?= fp16
 LOADER_WORKERS ?= 1
 REPRO_THREADS ?= 1
+EVAL_THREADS ?= 2
 R := $(REPRO_OUT)
 TRAIN_OPTS := --batch-size $(REPRO_BATCH) --blr $(REPRO_BLR) --warmup-epochs 1 --workers $(LOADER_WORKERS) --seed 0
 EVAL_OPTS := --train-shards $(R)/shards/train --test-shards $(R)/shards/test
 ARMS := random base tec-cached tec-online mae-control
 
-# $(call timed,NAME,COMMAND): run COMMAND, record it in commands.sh and its wall time (ms) in timing/NAME.ms
+# $(call timed,NAME,COMMAND[,THREADS]): run COMMAND (OMP_NUM_THREADS=THREADS), record it in commands.sh and
+# its wall time (ms) in timing/NAME.ms
 timed = mkdir -p $(R)/timing && echo '$(2)' >> $(R)/commands.sh && \
-	start=$$(date +%s%N) && OMP_NUM_THREADS=$(REPRO_THREADS) $(2) && \
+	start=$$(date +%s%N) && OMP_NUM_THREADS=$(or $(3),$(REPRO_THREADS)) $(2) && \
 	echo $$(( ($$(date +%s%N) - start) / 1000000 )) > $(R)/timing/$(1).ms
 
 # keep every intermediate file: each is a resumable step of the pipeline
@@ -80,10 +82,10 @@ $(R)/encoders/random.safetensors: | install
 $(R)/encoders/%.safetensors: $(R)/%/done
 	$(TEC) convert $(R)/$*/checkpoint.pth --out $@
 
-$(R)/evals/%-linprobe.json: $(R)/encoders/%.safetensors $(R)/shards/test/manifest.json
-	$(call timed,linprobe-$*,$(TEC) linprobe --checkpoint $< $(EVAL_OPTS) --json $@)
-$(R)/evals/%-knn.json: $(R)/encoders/%.safetensors $(R)/shards/test/manifest.json
-	$(call timed,knn-$*,$(TEC) knn --checkpoint $< $(EVAL_OPTS) --json $@)
+$(R)/evals/%-linprobe.json: $(R)/encoders/%.safetensors $(R)/shards/train/manifest.json $(R)/shards/test/manifest.json
+	$(call timed,linprobe-$*,$(TEC) linprobe --checkpoint $< $(EVAL_OPTS) --json $@,$(EVAL_THREADS))
+$(R)/evals/%-knn.json: $(R)/encoders/%.safetensors $(R)/shards/train/manifest.json $(R)/shards/test/manifest.json
+	$(call timed,knn-$*,$(TEC) knn --checkpoint $< $(EVAL_OPTS) --json $@,$(EVAL_THREADS))
 
 $(R)/report.md: $(foreach a,$(ARMS),$(R)/evals/$(a)-linprobe.json $(R)/evals/$(a)-knn.json)
 	$(TEC) report $(R) --views $(VIEWS) --e1 $(E1) --e2 $(E2)
