@@ -35,3 +35,12 @@ clean:
 	rm -rf $(VENV) runs
 include recipes.mk
 include reproduce.mk
+
+# Benchmarks (README "Performance"): cached vs online stage 2, stage 1 vs a bare forward, codecs, attention
+# targets, stage-2 memory. On a GPU: make bench BENCH_PRESET=base BENCH_ARGS="--device cuda".
+BENCH_PRESET ?= tiny
+BENCH_ARGS ?=
+BENCH_JSON ?= runs/bench/bench.json
+.PHONY: bench
+bench: install
+	$(TEC) bench --preset $(BENCH_PRESET) $(BENCH_ARGS) --json $(BENCH_JSON)

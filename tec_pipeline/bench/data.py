@@ -1,0 +1,116 @@
+"""The benchmark's own inputs, all temporary: shards, a random base model in this project's format, stores.
+
+Fashion-MNIST comes from the installed IDX files (generated 28 px images stand in when they are missing);
+`photos` are JPEG crops of scikit-image's bundled sample photos at varied sizes (generated textures without
+scikit-image), the decode work of a real photo data set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tec_pipeline
+from tec_pipeline.bench.presets import BenchPreset
+from tec_pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
+from tec_pipeline.data.writing import write_shards
+from tec_pipeline.models.vit import build_vit, resolve_arch
+from tec_pipeline.store.cache import CacheConfig
+
+log = logging.getLogger(__name__)
+SHARD_SIZE = 256
+PHOTO_NAMES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """Paths of one benchmark's inputs: shards of `rows` images, shards `memory_factor` times larger, base model."""
+
+    root: Path
+    shards: Path
+    large_shards: Path
+    base_model: Path
+    rows: int
+    source: str
+
+    def cache_config(self, preset: BenchPreset, out: Path, device: str, large: bool = False,
+                     codec: str = "fp16") -> CacheConfig:
+        """Stage-1 settings of the benchmark's stores (the `tec cache-targets` defaults, preset sizes)."""
+        return CacheConfig(shards=str(self.large_shards if large else self.shards), base_model=str(self.base_model),
+                           out=str(out), views=preset.views, topk=preset.topk, last_layers=preset.last_layers,
+                           codec=codec, chunk_rows=preset.chunk_rows, batch_size=preset.batch,
+                           loader_workers=preset.loader_workers, device=device)
+
+
+def save_random_base(path: Path, arch_name: str, seed: int = 0) -> Path:
+    """A randomly initialised base model as our own checkpoint: {'model', 'arch', 'kind', 'config', 'version'}."""
+    torch.manual_seed(seed)
+    arch = resolve_arch(arch_name)
+    torch.save({"model": build_vit(arch).state_dict(), "arch": arch.to_dict(), "kind": "mae", "config": {},
+                "version": tec_pipeline.__version__}, path)
+    return path
+
+
+def _sample_photos() -> list[Image.Image]:
+    try:
+        import skimage
+    except ImportError:
+        return []
+    data = Path(skimage.__file__).parent / "data"
+    return [Image.open(data / n).convert("RGB") for n in PHOTO_NAMES if (data / n).is_file()]
+
+
+def _generated(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """A smooth random texture (compresses like a photo, unlike white noise)."""
+    coarse = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def write_image_folder(root: Path, count: int, kind: str, seed: int = 0) -> Path:
+    """`count` images in two class folders: 'photos' (JPEG crops, 256-512 px) or 'gray28' (28 px PNG)."""
+    rng = np.random.default_rng(seed)
+    photos = _sample_photos() if kind == "photos" else []
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        folder = root / ("a", "b")[i % 2]
+        if kind == "gray28":
+            _generated(rng, 28, 28).convert("L").save(folder / f"{i:06d}.png")
+            continue
+        w, h = int(rng.integers(256, 513)), int(rng.integers(256, 513))
+        if photos:
+            photo = photos[i % len(photos)]
+            scale = rng.uniform(0.5, 1.0)
+            cw, ch = int(photo.width * scale), int(photo.height * scale)
+            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+            image = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR)
+        else:
+            image = _generated(rng, h, w)
+        image.save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def _source_spec(preset: BenchPreset, root: Path, count: int) -> str:
+    if preset.source == "fashion-mnist" and Path(DEFAULT_FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file():
+        return "fashion-mnist"
+    kind = "photos" if preset.source == "photos" else "gray28"
+    return f"imagefolder:{write_image_folder(root / f'images-{count}', count, kind)}"
+
+
+def prepare_data(preset: BenchPreset, root: Path) -> BenchData:
+    """Shards of `preset.images` rows and of memory_factor times as many, plus a random base model, under root."""
+    large_rows = preset.images * preset.memory_factor
+    spec = _source_spec(preset, root, large_rows)
+    shards, large = root / "shards", root / "shards-large"
+    # the small shards are the first rows of the large ones' source order: the same images, fewer of them
+    write_shards(spec, shards, "train", shard_size=SHARD_SIZE, limit=preset.images, seed=0, progress=False)
+    write_shards(spec, large, "train", shard_size=SHARD_SIZE, limit=large_rows, seed=0, progress=False)
+    base = save_random_base(root / "base.pth", preset.arch)
+    log.info("bench data: %d and %d images from %s, random %s base model", preset.images, large_rows,
+             spec.split(":")[0], preset.arch)
+    return BenchData(root, shards, large, base, preset.images, spec.split(":")[0])
