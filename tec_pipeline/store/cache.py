@@ -9,10 +9,8 @@ one read and decode of its images) or dask.distributed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from tqdm import tqdm
 
 import tec_pipeline
 from tec_pipeline.config import require, to_plain
+from tec_pipeline.cpu import threads_beside_workers
 from tec_pipeline.data.shards import Manifest, iter_samples, load_manifest
 from tec_pipeline.data.views import normalize, replay_view_uint8, sample_view, view_constants
 from tec_pipeline.models.base import EncoderCheckpoint, load_encoder
@@ -174,29 +173,6 @@ def _decoded_tasks(cfg: CacheConfig, manifest: Manifest, tasks: list[Task], img_
                         prefetch_factor=2 if cfg.loader_workers else None)
     for group in loader:
         yield from group
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def threads_beside_workers(device: torch.device, loader_workers: int) -> Iterator[None]:
-    """On CPU with decode workers, run the model on the cores they leave: min(threads, cores − workers) ≥ 1.
-
-    OpenMP threads that share cores with busy decode processes stall at every parallel region's barrier: on
-    2 cores, 2 threads + 1 decode worker ran stage 1 at ~70 img/s, 1 thread + 1 worker at ~370 img/s
-    (tec_micro_p4_28). The previous thread count is restored afterwards. (The dask executor already computes
-    with one thread per worker; the tests compare its stores bit for bit with in-process ones.)
-    """
-    previous = torch.get_num_threads()
-    if device.type == "cpu" and loader_workers > 0:
-        torch.set_num_threads(max(1, min(previous, available_cores() - loader_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module, manifest: Manifest,

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from tec_pipeline import __version__
 from tec_pipeline.config import require, save_config, to_plain
+from tec_pipeline.cpu import threads_beside_workers
 from tec_pipeline.errors import UserError
 from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train import distributed as tdist
@@ -89,6 +90,7 @@ class LoopConfig:
     deterministic: bool = False
     resume: bool = True  # continue from RUN/checkpoint.pth when it exists
     device: str = "auto"  # auto = cuda:LOCAL_RANK if available, else cpu
+    loader_workers: int = 0  # on CPU the model then computes on the cores the loader processes leave
 
     def __post_init__(self) -> None:
         # messages name the command-line flags, since that is where these values come from
@@ -385,7 +387,7 @@ def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]
 
     model.train()
     try:
-        with _determinism(cfg.deterministic, run.device):
+        with _determinism(cfg.deterministic, run.device), threads_beside_workers(run.device, cfg.loader_workers):
             for epoch in range(position["epoch"], cfg.epochs):
                 _run_epoch(run, batches, epoch, position["batch"] if epoch == position["epoch"] else 0,
                            step_fn or _default_step, metrics, save)

@@ -53,7 +53,8 @@ def loop_config(cfg: MAEPretrainConfig) -> LoopConfig:
     return LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, accum=cfg.accum, blr=cfg.blr,
                       min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay,
                       betas=(0.9, 0.95), clip_grad=cfg.clip_grad, save_every=cfg.save_every, seed=cfg.seed,
-                      amp=cfg.amp, deterministic=cfg.deterministic, resume=cfg.resume)
+                      amp=cfg.amp, deterministic=cfg.deterministic, resume=cfg.resume,
+                      loader_workers=cfg.workers)
 
 
 def pretrain_mae(cfg: MAEPretrainConfig, rank: int = 0, world_size: int = 1) -> TrainResult:

@@ -174,7 +174,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, accum=cfg.accum, blr=cfg.blr,
                       min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay,
                       save_every=cfg.save_every, seed=cfg.seed, resume=cfg.resume, device=cfg.device,
-                      deterministic=cfg.deterministic)
+                      deterministic=cfg.deterministic, loader_workers=cfg.workers)
     extra = {"arch": arch.to_dict(), "kind": "tec", "mode": "cached" if store is not None else "online"}
     log.info("TEC %s pretraining of %s: %d rows, k=%d, %d micro-batches/epoch on rank %d of %d",
              extra["mode"], arch.name, rows, k, steps, rank, world)
