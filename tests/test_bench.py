@@ -71,20 +71,20 @@ def test_bad_input_one_line_exit_2(args: list[str], tmp_path: Path, capsys: pyte
 
 
 def test_teacher_clock_times_every_target_call_and_restores() -> None:
-    original = pretrain.batch_targets
+    original = pretrain.stored_targets
     model = torch.nn.Linear(1, 1)  # never called: the wrapped function only has to be reached
     calls = []
-    pretrain.batch_targets = lambda *a, **k: calls.append(a) or {}  # type: ignore[assignment]
+    pretrain.stored_targets = lambda *a, **k: calls.append(a) or {}  # type: ignore[assignment]
     try:
-        stub = pretrain.batch_targets
+        stub = pretrain.stored_targets
         with pytest.raises(RuntimeError), teacher_clock("cpu") as seconds:
-            pretrain.batch_targets(model, None, 1, 1)
-            pretrain.batch_targets(model, None, 1, 1)
+            pretrain.stored_targets(model, None, 1, 1)
+            pretrain.stored_targets(model, None, 1, 1)
             raise RuntimeError("a failing run")
         assert len(calls) == 2 and len(seconds) == 2 and all(s >= 0 for s in seconds)
-        assert pretrain.batch_targets is stub
+        assert pretrain.stored_targets is stub
     finally:
-        pretrain.batch_targets = original
+        pretrain.stored_targets = original
 
 
 def test_run_figures_skip_the_warmup_epoch_and_time_steady_steps(tmp_path: Path) -> None:

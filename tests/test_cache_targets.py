@@ -17,9 +17,9 @@ import zarr
 from tec_pipeline.data.shards import iter_samples
 from tec_pipeline.data.views import ViewBox, replay_view
 from tec_pipeline.models.base import load_encoder
+from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.store.cache import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
-from tec_pipeline.train.pretrain import batch_targets
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
 
 pytestmark = needs_fashion_mnist
@@ -70,7 +70,7 @@ def test_stored_targets_equal_direct_computation(fp32_store: Path, fmnist_shards
         box = ViewBox.from_array(stored["boxes"][0])
         x = replay_view(images[row], box, 16).unsqueeze(0)
         with torch.no_grad():
-            direct = batch_targets(model, x, 4, 2)
+            direct = stored_targets(model, x, 4, 2)
         # another batch composition may move float32 results in the last bits only
         np.testing.assert_allclose(stored["features"], direct["features"].numpy(), atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(stored["attention"], direct["attention"].numpy(), atol=1e-5, rtol=1e-5)

@@ -20,9 +20,10 @@ from tec_pipeline.data.loader import FreshViews, normalized, stream_epoch
 from tec_pipeline.data.shards import load_manifest
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
+from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.store.cache import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
-from tec_pipeline.train.pretrain import batch_targets, store_mismatches
+from tec_pipeline.train.pretrain import store_mismatches
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
 
 pytestmark = needs_fashion_mnist
@@ -48,7 +49,7 @@ def test_cached_step_equals_online_step(store: Path, fmnist_shards: Path, pico_b
     assert torch.equal(cached["rows"], online["rows"]) and torch.equal(cached["images"], online["images"])
     base, _ = load_encoder(pico_base)
     with torch.no_grad():
-        fresh = batch_targets(base, online["images"], K, 2)
+        fresh = stored_targets(base, online["images"], K, 2)
     from tec_pipeline.models.vit import resolve_arch
 
     params, losses = [], []

@@ -24,9 +24,8 @@ from tec_pipeline.bench.stage1 import compare_stage1
 from tec_pipeline.bench.stage2 import compare_stage2
 from tec_pipeline.bench.timing import quiet
 from tec_pipeline.config import require
-from tec_pipeline.cpu import available_cores
+from tec_pipeline.devices import available_cores, resolve_device
 from tec_pipeline.errors import UserError
-from tec_pipeline.store.cache import resolve_device
 
 log = logging.getLogger(__name__)
 QUIET_LOGGERS = ("tec_pipeline.train", "tec_pipeline.store", "tec_pipeline.models", "tec_pipeline.data")

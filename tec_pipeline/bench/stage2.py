@@ -7,7 +7,7 @@ per run, over the following `preset.epochs` epochs:
   epoch has fewer rows than the 2000-row shuffle buffer (as here) for the whole epoch to be read and decoded,
   since its first batch draws rows from all of it; with real data sets that wait is a few seconds per epoch.
 - whole epochs: all steps, that wait included.
-The base model's share f of an online step is measured inside the step: `batch_targets`, which `_Step` calls
+The base model's share f of an online step is measured inside the step: `stored_targets`, which `_Step` calls
 for the targets, is wrapped by a clock (synchronised on CUDA) for the duration of the run.
 """
 
@@ -50,9 +50,9 @@ class RunResult:
 
 @contextlib.contextmanager
 def teacher_clock(device: str) -> Iterator[list[float]]:
-    """Seconds of every `batch_targets` call made by `pretrain._Step` while the context is open."""
+    """Seconds of every `stored_targets` call made by `pretrain._Step` while the context is open."""
     seconds: list[float] = []
-    original = pretrain.batch_targets
+    original = pretrain.stored_targets
 
     def clocked(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         synchronize(device)  # work queued before the call belongs to the step, not the base model
@@ -62,11 +62,11 @@ def teacher_clock(device: str) -> Iterator[list[float]]:
         seconds.append(time.perf_counter() - start)
         return out
 
-    pretrain.batch_targets = clocked
+    pretrain.stored_targets = clocked
     try:
         yield seconds
     finally:
-        pretrain.batch_targets = original
+        pretrain.stored_targets = original
 
 
 def _figures(step_s: list[float], wait: list[float], teacher_s: list[float], batch: int) -> RunFigures:

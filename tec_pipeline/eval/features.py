@@ -37,10 +37,6 @@ class Features:
         return len(self.labels)
 
 
-def eval_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 @torch.no_grad()
 def extract_features(encoder: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device) -> Features:
     """Run the frozen encoder (a timm VisionTransformer) over batches {'images' [B,3,S,S], 'labels' [B]}."""

@@ -30,8 +30,9 @@ from torch import nn
 
 from tec_pipeline.data.shards import Sample, load_manifest
 from tec_pipeline.data.views import IMAGENET_MEAN, IMAGENET_STD
+from tec_pipeline.devices import resolve_device
 from tec_pipeline.errors import UserError
-from tec_pipeline.eval.features import eval_device, topk_correct
+from tec_pipeline.eval.features import topk_correct
 from tec_pipeline.models.base import EncoderCheckpoint
 from tec_pipeline.models.vit import build_vit
 from tec_pipeline.train.checkpoint import preserved_rng, seed_all
@@ -209,7 +210,7 @@ def finetune(cfg: FinetuneConfig, encoder: EncoderCheckpoint, rank: int = 0, wor
     result = run_training(model, batches, steps, loop, cfg.out, extra,
                           step_fn=ClassificationStep(cfg, classes), run_config=cfg)
     scores = evaluate_classifier(model, center_batches(cfg.test_shards, size, cfg.batch_size, cfg.limit_test),
-                                 eval_device())
+                                 resolve_device("auto"))
     return {"top1": scores["top1"], "top5": scores["top5"], "n_test": scores["n"],
             "n_train": steps * cfg.batch_size * world_size, "num_classes": classes, "epochs": cfg.epochs,
             "run_dir": str(cfg.out), "final_train_loss": result.last_metrics.get("loss"),

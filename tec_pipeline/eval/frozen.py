@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tec_pipeline.config import require
-from tec_pipeline.eval.features import check_input_size, eval_device, shard_features
+from tec_pipeline.devices import resolve_device
+from tec_pipeline.eval.features import check_input_size, shard_features
 from tec_pipeline.eval.knn import knn_evaluate
 from tec_pipeline.eval.linear import linear_probe
 from tec_pipeline.eval.report import evaluation_record
@@ -41,7 +42,7 @@ def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
     require(cfg.k >= 1 and cfg.temperature > 0, f"--k must be >= 1 and --temperature > 0, got {cfg.k}, {cfg.temperature}")
     encoder, info = load_encoder(cfg.checkpoint, cfg.arch)
     check_input_size(cfg.arch, info.arch, cfg.checkpoint)
-    device, size = eval_device(), info.arch.img_size
+    device, size = resolve_device("auto"), info.arch.img_size
     train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device)
     test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device)
     if method == "knn":

@@ -148,6 +148,18 @@ def compute_targets(model: VisionTransformer, x: Tensor, k: int, last_layers: in
 
 
 @torch.no_grad()
+def stored_targets(model: VisionTransformer, x: Tensor, k: int, last_layers: int = 2) -> dict[str, Tensor]:
+    """Targets as stage 1 stores them and stage 2 consumes them: features normalised (fp32), attention fp32.
+
+    The one definition shared by `cache-targets`, online `pretrain` and `verify`, so cached and online
+    training see the same numbers.
+    """
+    t = compute_targets(model, x, k, last_layers)
+    return {"features": normalize_features(t["features"]), "attention": t["attention"].float(),
+            "topk_index": t["topk_index"]}
+
+
+@torch.no_grad()
 def full_attention_targets(model: VisionTransformer, x: Tensor, k: int, last_layers: int = 2) -> dict[str, Tensor]:
     """Same as `compute_targets`, but the last block materialises the full [B,H,N,N] logits (reference)."""
     return _targets(model, x, k, last_layers, last_block_full)

@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 import tec_pipeline
 from tec_pipeline.config import require, to_plain
-from tec_pipeline.cpu import threads_beside_workers
 from tec_pipeline.data.shards import Manifest, iter_samples, load_manifest
 from tec_pipeline.data.views import normalize, replay_view_uint8, sample_view, view_constants
+from tec_pipeline.devices import resolve_device, threads_beside_workers
 from tec_pipeline.models.base import EncoderCheckpoint, load_encoder
-from tec_pipeline.models.targets import compute_targets, normalize_features
+from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.store.codecs import get_codec
 from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
 
@@ -63,14 +63,6 @@ class TaskInputs:
     pixels: torch.Tensor
     boxes: np.ndarray
     valid: np.ndarray
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    require(device in ("cpu", "cuda") or device.startswith("cuda:"), f"unknown --device {device!r}; use cpu or cuda")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), "--device cuda given but CUDA is unavailable")
-    return torch.device(device)
 
 
 def validate_config(cfg: CacheConfig) -> None:
@@ -143,10 +135,9 @@ def compute_task(model: torch.nn.Module, inputs: TaskInputs, k: int, last_layers
     for start in range(0, len(inputs.pixels), batch_size):
         x = normalize(inputs.pixels[start:start + batch_size]).to(device, non_blocking=True)
         with autocast:
-            t = compute_targets(model, x, k, last_layers)
-        outs["features"].append(normalize_features(t["features"]).cpu().numpy())
-        outs["attention"].append(t["attention"].float().cpu().numpy())
-        outs["topk_index"].append(t["topk_index"].cpu().numpy())
+            t = stored_targets(model, x, k, last_layers)
+        for name in outs:
+            outs[name].append(t[name].cpu().numpy())
     result = {name: np.concatenate(parts) for name, parts in outs.items()}
     for name in result:
         result[name][~inputs.valid] = 0

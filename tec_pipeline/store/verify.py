@@ -15,8 +15,8 @@ import torch
 from tec_pipeline.data.shards import Manifest, iter_samples, load_manifest
 from tec_pipeline.data.views import ViewBox, normalize, replay_view_uint8
 from tec_pipeline.models.base import load_encoder
+from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.store.layout import TargetStore
-from tec_pipeline.train.pretrain import batch_targets
 
 NUMERIC_ALLOWANCE = 1e-3  # absolute + relative: float noise of another batch split, thread count or device
 
@@ -58,7 +58,7 @@ def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: 
         box = ViewBox.from_array(stored["boxes"][0])
         x = normalize(replay_view_uint8(images[row], box, size)).unsqueeze(0)
         with torch.no_grad():
-            fresh = {k: v.numpy() for k, v in batch_targets(model, x, spec.k, attrs["targets"]["last_layers"]).items()}
+            fresh = {k: v.numpy() for k, v in stored_targets(model, x, spec.k, attrs["targets"]["last_layers"]).items()}
         for name, part in (("features", codec.features), ("attention", codec.attention)):
             excess = _within(stored[name], fresh[name], part.tolerance(part.encode(fresh[name])))
             if excess > 0:

@@ -49,13 +49,6 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     return get_rank(), get_world_size()
 
 
-def default_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is available, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over ranks (a copy; the input is untouched)."""
     out = values.detach().clone()

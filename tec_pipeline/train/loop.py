@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from tec_pipeline import __version__
 from tec_pipeline.config import require, save_config, to_plain
-from tec_pipeline.cpu import threads_beside_workers
+from tec_pipeline.devices import resolve_device, threads_beside_workers
 from tec_pipeline.errors import UserError
 from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train import distributed as tdist
@@ -127,19 +127,6 @@ def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
             raise UserError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
         return torch.float16
     raise UserError(f"unknown amp policy {policy!r}; choose one of {', '.join(AMP_POLICIES)}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return tdist.default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda[:N]") from None
-    cuda_missing = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    if device.type not in ("cpu", "cuda") or cuda_missing:
-        raise UserError(f"--device {name} is not available here; use auto, cpu or cuda[:N] (with a GPU)")
-    return device
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

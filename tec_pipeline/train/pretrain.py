@@ -22,7 +22,7 @@ from tec_pipeline.data.shards import Manifest, load_manifest
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
-from tec_pipeline.models.targets import compute_targets, normalize_features
+from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.models.vit import ViTArch, resolve_arch
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train import distributed as tdist
@@ -64,13 +64,6 @@ class PretrainConfig:
     deterministic: bool = False
     mlp_token: bool = True
     pred_att: bool = True
-
-
-def batch_targets(base: nn.Module, images: torch.Tensor, k: int, last_layers: int) -> dict[str, torch.Tensor]:
-    """Targets as stage 1 stores them (features normalised, float32 attention), for online mode."""
-    t = compute_targets(base, images, k, last_layers)
-    return {"features": normalize_features(t["features"]), "attention": t["attention"].float(),
-            "topk_index": t["topk_index"]}
 
 
 def store_mismatches(store: TargetStore, manifest: Manifest, arch: ViTArch, k: int, allow_partial: bool) -> list[str]:
@@ -119,7 +112,7 @@ class _Step:
         else:
             self.base.to(images.device)
             with torch.no_grad():
-                targets = batch_targets(self.base, images, self.k, self.last_layers)
+                targets = stored_targets(self.base, images, self.k, self.last_layers)
         out = model(images, targets, masks_per_view=self.masks_per_view)
         return {key: value for key, value in out.items() if key.startswith("loss")}
 

@@ -1,4 +1,5 @@
-"""CPU thread placement: compute threads must not share cores with busy loader processes."""
+"""Devices: the one `--device` resolver, and CPU thread placement (compute threads must not share cores with
+busy loader processes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+
+from tec_pipeline.errors import UserError
 
 
 def available_cores() -> int:
@@ -30,3 +33,19 @@ def threads_beside_workers(device: torch.device, loader_workers: int) -> Iterato
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (cuda:LOCAL_RANK when CUDA is available, else cpu), `cpu` or `cuda[:N]`; UserError otherwise."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda[:N]") from None
+    cuda_missing = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if device.type not in ("cpu", "cuda") or cuda_missing:
+        raise UserError(f"--device {name} is not available here; use auto, cpu or cuda[:N] (with a GPU)")
+    return device
