@@ -6,7 +6,7 @@ import click
 
 from stages.common import show_progress
 from tec_pipeline.config import config_option, from_options
-from tec_pipeline.store.cache import CacheConfig, cache_targets
+from tec_pipeline.stage1.run import CacheConfig, cache_targets
 
 
 @click.command("cache-targets")

@@ -28,8 +28,8 @@ import cli
 from tec_pipeline.data.loader import plan_epoch
 from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.writing import write_shards
-from tec_pipeline.store.cache import CacheConfig, cache_targets
-from tec_pipeline.store.distributed import run_task
+from tec_pipeline.stage1.cluster import run_task
+from tec_pipeline.stage1.run import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore, Task
 from tests.conftest import needs_fashion_mnist, run_tec
 
@@ -169,7 +169,7 @@ def _logged_task(cfg: CacheConfig, task: Task) -> int:
 def test_dask_worker_killed_mid_task_the_task_is_rerun_elsewhere(
         reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import tec_pipeline.store.distributed as distributed
+    import tec_pipeline.stage1.cluster as distributed
 
     monkeypatch.setattr(distributed, "run_task", _logged_task)
     out, log = tmp_path / "dask.zarr", tmp_path / "tasks.log"

@@ -23,7 +23,7 @@ from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.views import normalize
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import compute_targets
-from tec_pipeline.store.cache import cache_targets, compute_task, decode_task, store_attributes
+from tec_pipeline.stage1.run import cache_targets, compute_task, decode_task, store_attributes
 from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
 
 

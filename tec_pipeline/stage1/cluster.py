@@ -39,7 +39,7 @@ def _worker_resources(cfg: Any) -> tuple[Any, Any, Any]:
 def run_task(cfg: Any, task: Task) -> int:
     """Compute and write one task on a dask worker; returns the number of rows written."""
     from tec_pipeline.devices import resolve_device
-    from tec_pipeline.store.cache import compute_task, decode_task
+    from tec_pipeline.stage1.run import compute_task, decode_task
 
     model, manifest, store = _worker_resources(cfg)
     img_size = store.attrs["base_model"]["input_size"]

@@ -204,7 +204,7 @@ def cache_targets(cfg: CacheConfig, progress: bool = False) -> dict[str, Any]:
     if not pending:
         images = 0
     elif cfg.workers or cfg.scheduler:
-        from tec_pipeline.store.distributed import run_on_dask
+        from tec_pipeline.stage1.cluster import run_on_dask
 
         images = run_on_dask(cfg, pending, progress)
     else:

@@ -1,0 +1,1 @@
+"""Stage 1 (`tec cache-targets`): the orchestration that fills a target store (moved out of store/)."""
