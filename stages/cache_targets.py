@@ -6,7 +6,7 @@ import click
 
 from stages.common import show_progress
 from tec_pipeline.config import config_option, from_options
-from tec_pipeline.stage1.run import CacheConfig, cache_targets
+from tec_pipeline.stage1 import CacheConfig, cache_targets
 
 
 @click.command("cache-targets")
@@ -26,10 +26,16 @@ from tec_pipeline.stage1.run import CacheConfig, cache_targets
 @click.option("--workers", default=0, show_default=True, type=int, help="Run tasks on a dask LocalCluster of N processes.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler (multi-node).")
 @click.option("--loader-workers", default=1, show_default=True, type=int, help="In-process: decode processes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK).")
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
+              help="Base-model autocast: auto = bf16 on CUDA, none on CPU. Recorded in the store.")
+@click.option("--writer-threads", default=2, show_default=True, type=int,
+              help="Threads that encode and write chunks while the next batches run.")
 def command(**options: object) -> None:
     """Compute the base model's enhanced targets once and write them (with each view's box) to a store."""
     cfg = from_options(CacheConfig, options)
     summary = cache_targets(cfg, progress=show_progress())
+    if summary["rank"] != 0:
+        return  # one summary per run, from rank 0 (its counts cover every rank)
     click.echo(f"{summary['tasks_run']} of {summary['tasks_total']} tasks computed ({summary['images']} images, "
                f"{summary['img_s']:.0f} img/s) -> {cfg.out}")

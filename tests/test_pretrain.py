@@ -21,7 +21,7 @@ from tec_pipeline.data.shards import load_manifest
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
 from tec_pipeline.models.targets import stored_targets
-from tec_pipeline.stage1.run import CacheConfig, cache_targets
+from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train.pretrain import store_mismatches
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process

@@ -28,8 +28,8 @@ import cli
 from tec_pipeline.data.loader import plan_epoch
 from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.writing import write_shards
-from tec_pipeline.stage1.cluster import run_task
-from tec_pipeline.stage1.run import CacheConfig, cache_targets
+from tec_pipeline.stage1 import CacheConfig, cache_targets
+from tec_pipeline.stage1.cluster import run_group
 from tec_pipeline.store.layout import TargetStore, Task
 from tests.conftest import needs_fashion_mnist, run_tec
 
@@ -154,24 +154,24 @@ def test_cache_targets_sigkilled_at_three_random_points_then_rerun_is_identical(
     _assert_same_store(out, reference_store)
 
 
-def _logged_task(cfg: CacheConfig, task: Task) -> int:
-    """`run_task` on a dask worker, slowed and logged to tasks.log beside the store so a test can kill it."""
+def _logged_group(cfg: CacheConfig, tasks: list[Task]) -> int:
+    """`run_group` on a dask worker, slowed and logged to tasks.log beside the store so a test can kill it."""
     log = Path(cfg.out).with_name("tasks.log")
     with open(log, "a") as f:
-        f.write(f"start {task.view} {task.index} {os.getpid()}\n")
+        f.write(f"start {tasks[0].index} {os.getpid()}\n")
     time.sleep(0.3)
-    rows = run_task(cfg, task)
+    rows = run_group(cfg, tasks)
     with open(log, "a") as f:
-        f.write(f"end {task.view} {task.index} {os.getpid()}\n")
+        f.write(f"end {tasks[0].index} {os.getpid()}\n")
     return rows
 
 
 def test_dask_worker_killed_mid_task_the_task_is_rerun_elsewhere(
         reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import tec_pipeline.stage1.cluster as distributed
+    import tec_pipeline.stage1.cluster as cluster
 
-    monkeypatch.setattr(distributed, "run_task", _logged_task)
+    monkeypatch.setattr(cluster, "run_group", _logged_group)
     out, log = tmp_path / "dask.zarr", tmp_path / "tasks.log"
     killed: dict[str, str] = {}
 
@@ -181,9 +181,9 @@ def test_dask_worker_killed_mid_task_the_task_is_rerun_elsewhere(
             lines = (log.read_text() if log.exists() else "").splitlines()
             started = [line.split() for line in lines if line.startswith("start ")]
             if started:
-                _, view, index, pid = started[0]
+                _, index, pid = started[0]
                 os.kill(int(pid), signal.SIGKILL)
-                killed.update(task=f"{view} {index}", pid=pid)
+                killed.update(task=index, pid=pid)
             time.sleep(0.02)
 
     watcher = threading.Thread(target=kill_the_first_worker_to_start_a_task, daemon=True)

@@ -17,7 +17,8 @@ from tec_pipeline.bench.presets import BenchPreset
 from tec_pipeline.bench.timing import median_of
 from tec_pipeline.data.shards import load_manifest
 from tec_pipeline.models.base import load_encoder
-from tec_pipeline.stage1.run import compute_task, decode_task
+from tec_pipeline.stage1.compute import compute_task
+from tec_pipeline.stage1.decode import decode_task
 from tec_pipeline.store.codecs import CODECS, measure_codec
 from tec_pipeline.store.layout import Task
 

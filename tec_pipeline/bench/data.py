@@ -20,7 +20,7 @@ from tec_pipeline.bench.presets import BenchPreset
 from tec_pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
 from tec_pipeline.data.writing import write_shards
 from tec_pipeline.models.vit import build_vit, resolve_arch
-from tec_pipeline.stage1.run import CacheConfig
+from tec_pipeline.stage1 import CacheConfig
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256

@@ -23,15 +23,17 @@ from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.views import normalize
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import compute_targets
-from tec_pipeline.stage1.run import cache_targets, compute_task, decode_task, store_attributes
+from tec_pipeline.stage1 import cache_targets
+from tec_pipeline.stage1.compute import compute_task
+from tec_pipeline.stage1.config import autocast, resolve_amp
+from tec_pipeline.stage1.decode import decode_task
+from tec_pipeline.stage1.plan import store_attributes
 from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
 
 
 def stage1_autocast(device: torch.device) -> Any:
-    """Stage 1's autocast: bf16 on CUDA, none on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """Stage 1's default autocast: bf16 on CUDA, none on CPU."""
+    return autocast(resolve_amp("auto", device.type), device)
 
 
 def preload_views(data: BenchData, preset: BenchPreset, device: torch.device, img_size: int) -> torch.Tensor:
@@ -90,7 +92,9 @@ def stage1_parts(data: BenchData, preset: BenchPreset, device: torch.device, out
     manifest = load_manifest(cfg.shards)
     spec = StoreSpec(views=cfg.views, rows=data.rows, patches=ckpt.arch.num_patches, dim=ckpt.arch.embed_dim,
                      heads=ckpt.arch.num_heads, k=cfg.topk, chunk_rows=cfg.chunk_rows, codec=cfg.codec)
-    store = TargetStore.create_or_resume(out, spec, store_attributes(cfg, manifest, ckpt, data.rows))
+    amp = resolve_amp(cfg.amp, device.type)
+    attrs = store_attributes(cfg, manifest, ckpt, data.rows, {"autocast": amp, "device_type": device.type})
+    store = TargetStore.create_or_resume(out, spec, attrs)
     laps.lap("create_store")
     for task in store.tasks():
         for _ in iter_samples(cfg.shards, task.row_start, task.row_stop, manifest):
@@ -98,7 +102,7 @@ def stage1_parts(data: BenchData, preset: BenchPreset, device: torch.device, out
         laps.lap("read_decode")
         inputs = decode_task(cfg.shards, manifest, task, cfg.seed, ckpt.arch.img_size)
         laps.lap("decode_task")
-        result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device)
+        result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device, amp, store.codec)
         laps.lap("base_model")
         store.codec.features.encode(result["features"])
         store.codec.attention.encode(result["attention"])

@@ -152,7 +152,9 @@ def _decode_image(data: bytes, key: str) -> Image.Image | None:
     """Decoded RGB (grayscale, palette, CMYK all converted), or None for bytes PIL cannot decode."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            im.load()
+            # an RGB image is returned as decoded: convert("RGB") would only copy it (~0.4 ms at 500x375)
+            return im if im.mode == "RGB" else im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         log.warning("undecodable image %s: %s", key, e)
         return None

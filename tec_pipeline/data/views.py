@@ -4,6 +4,12 @@ A view is (row, view id) -> integer crop box in decoded-image pixels plus a flip
 RNG keyed by (seed, row, view id) with torchvision RandomResizedCrop semantics. Stage 1 stores the box; stage 2
 replays it. Replay is PIL crop -> PIL bicubic resize -> optional mirror -> ToTensor -> ImageNet normalisation,
 exactly the reference pipeline, so the same box always gives bit-identical pixels.
+
+The replay is part of a store's format (`REPLAY`, recorded by stage 1, checked by stage 2): another resampler
+gives other pixels for the same box. Measured on 500x375 photos, not bit-identical and so not used: one
+`Image.resize(size, BICUBIC, box=...)` call instead of crop + resize (3 of 200 views equal: the filter reads
+pixels outside the box, the crop clamps at its edges), JPEG draft mode (DCT scaling changes the decoded image),
+pillow-simd (other rounding).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALE = (0.2, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875  # resize shorter side to size / 0.875, centre-crop size (224 <- 256)
+# bump `version` whenever replay_view_into can give other pixels for the same box and image
+REPLAY = {"implementation": "PIL crop, resize BICUBIC, mirror", "version": 1, "pillow": PIL.__version__}
 
 
 @dataclass(frozen=True)
@@ -79,13 +87,22 @@ def _center_fallback(width: int, height: int, ratio: tuple[float, float]) -> tup
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def replay_view_uint8(image: Image.Image, box: ViewBox, size: int) -> torch.Tensor:
-    """The view's pixels before normalisation: uint8 [3, size, size]."""
+def replay_view_into(out: torch.Tensor, image: Image.Image, box: ViewBox) -> torch.Tensor:
+    """Write the view's pixels before normalisation into `out` (uint8 [3, S, S]) and return it.
+
+    Filling a preallocated batch row saves the per-view tensor and its copy into the batch.
+    """
+    size = out.shape[-1]
     crop = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
     crop = crop.resize((size, size), Image.Resampling.BICUBIC)
     if box.flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return out.copy_(torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1))
+
+
+def replay_view_uint8(image: Image.Image, box: ViewBox, size: int) -> torch.Tensor:
+    """The view's pixels before normalisation: uint8 [3, size, size]."""
+    return replay_view_into(torch.empty(3, size, size, dtype=torch.uint8), image, box)
 
 
 def center_view_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -101,8 +118,9 @@ def center_view_uint8(image: Image.Image, size: int) -> torch.Tensor:
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, S, S] -> float32, ToTensor then Normalize (elementwise, so per image or per batch alike)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    # on the pixels' device: stage 1 normalises after the uint8 copy (IEEE ops, so the same bits on any device)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     return pixels.float().div(255).sub(mean).div(std)
 
 
@@ -116,4 +134,13 @@ def view_constants(size: int, seed: int, scale: tuple[float, float] = DEFAULT_SC
     """What a store records so that a later replay is known to reproduce the same pixels."""
     return {"size": size, "seed": seed, "scale": list(scale), "ratio": list(ratio), "flip_prob": flip_prob,
             "interpolation": "PIL.BICUBIC", "pil_version": PIL.__version__, "decoder": f"PIL {PIL.__version__}",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "replay": dict(REPLAY)}
+
+
+def replay_mismatch(views_attrs: dict) -> str | None:
+    """Why views recorded by a store (its `views` attributes) would not replay bit-identically here, or None."""
+    stored = views_attrs.get("replay")
+    if stored != REPLAY:
+        return (f"its views were replayed by {stored or 'an unrecorded replay (made before replay versions)'}, "
+                f"this installation replays with {REPLAY}; re-run tec cache-targets with this installation")
+    return None

@@ -1,13 +1,18 @@
-"""Stage-1 tasks on a dask.distributed cluster: a LocalCluster (`--workers N`) or an existing scheduler.
+"""Stage-1 chunk groups on a dask.distributed cluster: a LocalCluster (`--workers N`) or an existing scheduler.
 
-Each task is one function call that decodes, computes and writes its own chunks, then sets its `done` flag, so
-a task lost with its worker is simply run again elsewhere (dask `retries`). Workers load the base model once
-per process and open the store by URL inside the process (no handles cross a fork or the network).
+One call per chunk group decodes its images once for all its views, computes and writes each task, then sets
+its `done` flag, so a group lost with its worker is simply run again elsewhere (dask `retries`). Each worker
+process loads the base model once, onto its own device (`--device auto`: its CUDA_VISIBLE_DEVICES GPU, which
+`dask cuda worker` or `CUDA_VISIBLE_DEVICES=i dask worker --nworkers 1 --resources GPU=1` gives it), and opens
+the store by URL in the process. Paths travel as absolute paths, so workers started elsewhere find them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -15,65 +20,130 @@ import torch
 from tqdm import tqdm
 
 from tec_pipeline.errors import UserError
+from tec_pipeline.stage1.config import CacheConfig
+from tec_pipeline.store.claims import HEARTBEAT_S, STALE_S
 from tec_pipeline.store.layout import Task
 
 log = logging.getLogger(__name__)
 _WORKER_STATE: dict[tuple[Any, ...], Any] = {}
+_WORKER_LOCK = threading.Lock()
 TASK_RETRIES = 3
+CONNECT_TIMEOUT_S = 10
 
 
-def _worker_resources(cfg: Any) -> tuple[Any, Any, Any]:
-    """(model, manifest, store) for this worker process, loaded on first use."""
-    from tec_pipeline.data.shards import load_manifest
-    from tec_pipeline.models.base import load_encoder
-    from tec_pipeline.store.layout import TargetStore
-
-    key = (cfg.base_model, cfg.base_arch, cfg.shards, cfg.out)
-    if key not in _WORKER_STATE:
-        torch.set_num_threads(1)  # one task per worker thread; processes give the parallelism
-        model, _ = load_encoder(cfg.base_model, cfg.base_arch)
-        _WORKER_STATE[key] = (model, load_manifest(cfg.shards), TargetStore.open(cfg.out, mode="r+"))
-    return _WORKER_STATE[key]
+def absolute(cfg: CacheConfig) -> CacheConfig:
+    """cfg with local paths made absolute (workers run in other directories, perhaps on other hosts)."""
+    def fix(path: str) -> str:
+        return path if "://" in path or path.startswith(("random:",)) else os.path.abspath(path)
+    return dataclasses.replace(cfg, shards=fix(cfg.shards), base_model=fix(cfg.base_model), out=fix(cfg.out))
 
 
-def run_task(cfg: Any, task: Task) -> int:
-    """Compute and write one task on a dask worker; returns the number of rows written."""
+def worker_device_type(device: str) -> str:
+    """The device type a worker computes on (run on every worker before the store is created)."""
     from tec_pipeline.devices import resolve_device
-    from tec_pipeline.stage1.run import compute_task, decode_task
 
-    model, manifest, store = _worker_resources(cfg)
-    img_size = store.attrs["base_model"]["input_size"]
-    inputs = decode_task(cfg.shards, manifest, task, cfg.seed, img_size)
-    result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, resolve_device("cpu"))
-    store.write_task(task, **result)
-    return len(inputs.pixels)
+    return resolve_device(device).type
 
 
-def run_on_dask(cfg: Any, tasks: list[Task], progress: bool) -> int:
-    """Run `tasks` on a LocalCluster of cfg.workers processes, or on the cluster at cfg.scheduler."""
-    from dask.distributed import Client, LocalCluster, as_completed
+def _worker_resources(cfg: CacheConfig) -> tuple[Any, ...]:
+    """(model on its device, device, manifest, store, claims) for this worker process, loaded on first use."""
+    from tec_pipeline.data.shards import load_manifest
+    from tec_pipeline.devices import resolve_device
+    from tec_pipeline.models.base import load_encoder
+    from tec_pipeline.store.claims import ClaimBook
+    from tec_pipeline.store.layout import TargetStore, local_root
 
-    if cfg.scheduler:
-        try:
-            client = Client(cfg.scheduler, timeout="20s")
-        except (OSError, TimeoutError) as e:
-            raise UserError(f"cannot reach dask scheduler {cfg.scheduler}: {e}") from None
-        cluster = None
-    else:
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.WARNING)
-        client = Client(cluster)
+    key = (cfg.base_model, cfg.base_arch, cfg.shards, cfg.out, cfg.device)
+    with _WORKER_LOCK:  # a worker with several threads loads the model once
+        if key not in _WORKER_STATE:
+            device = resolve_device(cfg.device)
+            if device.type == "cpu":
+                torch.set_num_threads(1)  # one task per worker thread; processes give the parallelism
+            model, _ = load_encoder(cfg.base_model, cfg.base_arch)
+            store = TargetStore.open(cfg.out, mode="r+")
+            _WORKER_STATE[key] = (model.to(device), device, load_manifest(cfg.shards), store,
+                                  ClaimBook(local_root(cfg.out)))
+        return _WORKER_STATE[key]
+
+
+def _claim(claims: Any, store: Any, tasks: list[Task]) -> list[Task]:
+    """The tasks of `tasks` this worker now holds: waits out a claim left by a dead worker on another host
+    (it goes stale after STALE_S); tasks another writer finished meanwhile are dropped."""
+    deadline = time.monotonic() + STALE_S + 2 * HEARTBEAT_S
+    while True:
+        tasks = [t for t in tasks if not store.is_done(t)]
+        if not tasks or claims.claim(tasks) or time.monotonic() > deadline:
+            return tasks if tasks and claims.owns(tasks[0]) else []
+        time.sleep(HEARTBEAT_S)
+
+
+def run_group(cfg: CacheConfig, tasks: list[Task]) -> int:
+    """Compute and write one chunk group on a dask worker; returns the number of images written."""
+    from tec_pipeline.stage1.compute import compute_task
+    from tec_pipeline.stage1.decode import decode_tasks
+
+    model, device, manifest, store, claims = _worker_resources(cfg)
+    tasks = _claim(claims, store, tasks)
+    if not tasks:
+        return 0
     try:
-        futures = [client.submit(run_task, cfg, t, key=f"task-v{t.view}-c{t.index}", retries=TASK_RETRIES, pure=False)
-                   for t in tasks]
-        images, t0 = 0, time.perf_counter()
-        with tqdm(total=len(tasks), desc="cache-targets", unit="task", disable=not progress) as bar:
-            for future in as_completed(futures):
-                images += future.result()
-                bar.update(1)
-                bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
+        images = 0
+        for inputs in decode_tasks(cfg.shards, manifest, tasks, cfg.seed, store.attrs["base_model"]["input_size"]):
+            result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device,
+                                  store.attrs["targets"]["precision"]["autocast"], store.codec)
+            store.write_task(inputs.task, **result)
+            claims.release(inputs.task)
+            images += len(inputs.pixels)
         return images
     finally:
+        for task in tasks:
+            claims.release(task)
+
+
+def connect(cfg: CacheConfig) -> tuple[Any, Any]:
+    """(client, cluster or None): the scheduler at cfg.scheduler, which must answer within CONNECT_TIMEOUT_S
+    and have a worker, or a LocalCluster of cfg.workers processes. Done before any store is created."""
+    from dask.distributed import Client, LocalCluster
+
+    if not cfg.scheduler:
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.WARNING)
+        return Client(cluster), cluster
+    try:
+        client = Client(cfg.scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as e:
+        raise UserError(f"dask scheduler {cfg.scheduler} did not answer within {CONNECT_TIMEOUT_S} s "
+                        f"({e.__class__.__name__}); check the address and that the scheduler runs") from None
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S * 3)
+    except (OSError, TimeoutError):
         client.close()
-        if cluster is not None:
-            cluster.close()
+        raise UserError(f"dask scheduler {cfg.scheduler} has no workers; start some (see README)") from None
+    return client, None
+
+
+def cluster_device_type(client: Any, device: str) -> str:
+    """The one device type every worker computes on; UserError when workers differ."""
+    types = set(client.run(worker_device_type, device).values())
+    if len(types) != 1:
+        raise UserError(f"dask workers compute on different device types {sorted(types)}; a store needs one "
+                        "(start all workers on GPUs, or pass --device cpu)")
+    return types.pop()
+
+
+def run_on_dask(client: Any, cfg: CacheConfig, groups: list[list[Task]], progress: bool) -> int:
+    """Run every chunk group on the client's cluster; on GPU workers (resource GPU) one group per GPU at once."""
+    cfg = absolute(cfg)
+    workers = client.scheduler_info()["workers"].values()
+    resources = {"GPU": 1} if workers and all("GPU" in w.get("resources", {}) for w in workers) else None
+    futures = [client.submit(run_group, cfg, g, key=f"group-c{g[0].index}", retries=TASK_RETRIES, pure=False,
+                             resources=resources) for g in groups]
+    from dask.distributed import as_completed
+
+    images, t0 = 0, time.perf_counter()
+    with tqdm(total=len(groups), desc="cache-targets", unit="chunk", disable=not progress) as bar:
+        for future in as_completed(futures):
+            images += future.result()
+            bar.update(1)
+            bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
+    return images

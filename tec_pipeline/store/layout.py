@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from tec_pipeline.config import to_plain
 from tec_pipeline.errors import UserError
+from tec_pipeline.store.claims import live_tasks
 from tec_pipeline.store.codecs import ArrayLayout, Codec, create_array, get_codec, layout_mismatch
 
 FORMAT_VERSION = 1
@@ -131,11 +133,38 @@ def _zarr_store(url: str, read_only: bool) -> Store:
     return LocalStore(path, read_only=read_only)
 
 
+def local_root(url: str | os.PathLike[str]) -> Path | None:
+    """The directory of a store on the local filesystem (path or file:// URL), None for other fsspec URLs."""
+    path = os.fspath(url)
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return Path(path.removeprefix("file://")).absolute()
+
+
+METADATA_PARTIAL_AGE_S = 30.0  # a zarr.json write takes milliseconds: an older temporary file is a dead write's
+
+
+def _partial_task(root: Path, leftover: Path) -> tuple[int, int] | None:
+    """(view, task) whose chunk `leftover` (ARRAY/c/VIEW/TASK/...*.partial) was being written, None for metadata."""
+    parts = leftover.relative_to(root).parts
+    if len(parts) >= 4 and parts[1] == "c" and parts[2].isdigit() and parts[3].split(".")[0].isdigit():
+        return int(parts[2]), int(parts[3].split(".")[0])
+    return None
+
+
 def _remove_torn_writes(root: Path) -> None:
-    """Delete `*.partial` files: Zarr's local atomic writes go to one and rename it into place, so a writer killed
-    mid-write leaves it behind. Called before a run writes; a writer running right now elsewhere on the same
-    store would lose its write (its task then fails and stays pending, to be redone)."""
+    """Delete `*.partial` files of dead writers: Zarr's local atomic writes go to one and rename it into place, so
+    a writer killed mid-write leaves it behind. A chunk's temporary file is kept while its task has a live claim
+    (claims.py: another writer is writing it right now); a metadata one while it is younger than
+    METADATA_PARTIAL_AGE_S (a concurrent creation of the same store)."""
+    live, now = live_tasks(root), time.time()
     for leftover in root.rglob("*.partial"):
+        task = _partial_task(root, leftover)
+        try:
+            if task in live or (task is None and now - leftover.stat().st_mtime < METADATA_PARTIAL_AGE_S):
+                continue
+        except FileNotFoundError:
+            continue  # its writer just renamed it into place
         leftover.unlink(missing_ok=True)
 
 
@@ -273,8 +302,12 @@ class TargetStore:
         group = self._ensure_open()
         for layout, leading, chunk_rows in self.spec.arrays():
             if layout.name not in group:
-                create_array(group, layout, leading, chunk_rows)
-            elif problem := layout_mismatch(group[layout.name], layout, leading, chunk_rows):
+                try:
+                    create_array(group, layout, leading, chunk_rows)
+                    continue
+                except zarr.errors.ContainsArrayError:  # another process created it just now: check it
+                    group = zarr.open_group(group.store, mode=self.mode)
+            if problem := layout_mismatch(group[layout.name], layout, leading, chunk_rows):
                 raise UserError(f"{self.url}: {problem}; the store is damaged — delete it and re-run")
 
     @property

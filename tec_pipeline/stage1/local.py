@@ -1,0 +1,51 @@
+"""The in-process executor: decode workers → device → writer threads, one device (one torchrun rank).
+
+Loader worker processes read and decode chunk groups ahead (pinned on CUDA); the main thread copies each
+batch's uint8 pixels to the device, runs the base model and brings the targets back in stored form; writer
+threads encode and write them while the next batches run. A group is claimed when the loader dispatches it,
+so another writer on the same store skips it, and released once its tasks are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from tec_pipeline.data.shards import Manifest
+from tec_pipeline.devices import threads_beside_workers
+from tec_pipeline.stage1.compute import compute_task
+from tec_pipeline.stage1.config import CacheConfig
+from tec_pipeline.stage1.decode import ChunkDataset, decoded_groups
+from tec_pipeline.stage1.write import WriterPool
+from tec_pipeline.store.claims import ClaimBook
+from tec_pipeline.store.layout import TargetStore, Task
+
+log = logging.getLogger(__name__)
+
+
+def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module, manifest: Manifest,
+                   groups: list[list[Task]], device: torch.device, amp: str, claims: ClaimBook,
+                   progress: bool) -> int:
+    """Compute and write every task of `groups` not claimed by another live writer; returns images computed."""
+    model.to(device)
+    img_size = store.attrs["base_model"]["input_size"]
+    dataset = ChunkDataset(cfg.shards, manifest, groups, cfg.seed, img_size)
+    images, t0 = 0, time.perf_counter()
+    bar = tqdm(total=sum(map(len, groups)), desc="cache-targets", unit="task", disable=not progress)
+    with threads_beside_workers(device, cfg.loader_workers), \
+            WriterPool(store, cfg.writer_threads, claims.release) as writers:
+        loader = decoded_groups(dataset, cfg.loader_workers, pin=device.type == "cuda",
+                                admit=lambda i: claims.claim(groups[i]))
+        for group in loader:
+            for inputs in group:
+                result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device, amp,
+                                      store.codec)
+                writers.submit(inputs.task, result)
+                images += len(inputs.pixels)
+                bar.update(1)
+                bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return images
