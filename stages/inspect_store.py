@@ -51,9 +51,12 @@ def command(store: str, as_json: bool) -> None:
               help="Recompute N random rows with the base model and compare.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Which rows --recompute picks.")
 @click.option("--base-arch", default=None, help="Base architecture, if the checkpoint records none.")
-def verify_command(store: str, shards: str, recompute: int, seed: int, base_arch: str | None) -> None:
+@click.option("--base-model", default=None,
+              help="The base-model checkpoint for --recompute (default: the recorded path; checked by sha256).")
+def verify_command(store: str, shards: str, recompute: int, seed: int, base_arch: str | None,
+                   base_model: str | None) -> None:
     """Check a store: every task done, chunks intact, fingerprint matches --shards, targets recompute. Exit 1 if not."""
-    result = verify_store(store, shards, recompute, seed, base_arch)
+    result = verify_store(store, shards, recompute, seed, base_arch, base_model)
     if result["invalid_rows"]:
         click.echo(f"invalid (undecodable) rows: {', '.join(result['invalid_rows'])}")
     if result["ok"]:

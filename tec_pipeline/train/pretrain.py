@@ -19,6 +19,7 @@ from tec_pipeline.config import require
 from tec_pipeline.data.cached import TARGET_KEYS, CachedViews
 from tec_pipeline.data.loader import FreshViews, normalized, steps_per_epoch, stream_epoch
 from tec_pipeline.data.shards import Manifest, load_manifest
+from tec_pipeline.data.views import replay_mismatch
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
@@ -78,6 +79,8 @@ def store_mismatches(store: TargetStore, manifest: Manifest, arch: ViTArch, k: i
               ("heads", spec.heads, arch.num_heads)]
     reasons += [f"its {what} is {have}, the student {arch.name} needs {need}" for what, have, need in checks
                 if have != need]
+    if replay := replay_mismatch(attrs["views"]):  # stage 2 replays the stored boxes: same pixels or refuse
+        reasons.append(replay)
     if k > spec.k:
         reasons.append(f"it holds top-{spec.k} attention rows, --topk {k} needs more")
     pending = store.pending_tasks()
