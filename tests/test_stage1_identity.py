@@ -1,0 +1,174 @@
+"""Stage 1's store identity and refusals (issues 13 and 18): precision and device recorded, a resume with
+another refused; the base model known by content (a moved or differently named checkpoint is the same);
+--topk, --amp, free space and failed writes as one line with nothing finished lost; stage 2 refuses another
+replay implementation."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tec_pipeline.stage1 import CacheConfig, cache_targets
+from tec_pipeline.store.layout import TargetStore
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
+
+pytestmark = needs_fashion_mnist
+FLAGS = {"views": "1", "topk": "4", "chunk-rows": "64", "batch-size": "32", "codec": "fp16", "loader-workers": "0",
+         "limit": "128"}
+
+
+def _argv(shards: Path, base: Path | str, out: Path, **extra: str) -> list[str]:
+    flags = {**FLAGS, **extra}
+    return ["cache-targets", "--shards", str(shards), "--base-model", str(base), "--out", str(out),
+            *[x for k, v in flags.items() for x in (f"--{k}", v)]]
+
+
+@pytest.fixture()
+def store(fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "s.zarr"
+    cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out), views=1, topk=4,
+                              chunk_rows=64, batch_size=32, codec="fp16", loader_workers=0, limit=128))
+    return out
+
+
+def _bytes(url: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(url)): p.read_bytes() for p in sorted(url.rglob("*")) if p.is_file()}
+
+
+def test_store_records_precision_device_and_replay(store: Path) -> None:
+    from tec_pipeline.data.views import REPLAY
+
+    attrs = TargetStore.open(store).attrs
+    assert attrs["targets"]["precision"] == {"autocast": "none", "device_type": "cpu"}
+    assert attrs["views"]["replay"] == REPLAY
+
+
+@pytest.mark.parametrize("flags, message", [({"amp": "fp16"}, "--amp fp16 needs a CUDA device"),
+                                            ({"amp": "bf16"}, "--amp bf16 needs a CUDA device"),
+                                            ({"topk": "0"}, "--topk must be >= 1"),
+                                            ({"topk": "-3"}, "--topk must be >= 1")])
+def test_bad_amp_or_topk_one_line(flags: dict[str, str], message: str, fmnist_shards: Path, pico_base: Path,
+                                  tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "new.zarr"
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out, **flags))
+    assert_one_line_error(proc)
+    assert message in proc.stderr and not out.exists()
+
+
+def test_resume_with_other_precision_is_refused(store: Path, fmnist_shards: Path, pico_base: Path,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    group = zarr.open_group(str(store), mode="r+")
+    tec = dict(group.attrs)["tec"]
+    tec["targets"]["precision"] = {"autocast": "bf16", "device_type": "cuda"}  # as a GPU run records it
+    group.attrs["tec"] = tec
+    before = _bytes(store)
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, store))
+    assert_one_line_error(proc)
+    assert "targets.precision" in proc.stderr and "bf16" in proc.stderr
+    assert _bytes(store) == before
+
+
+def test_moved_base_model_is_the_same_base_model(store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    moved = tmp_path / "moved" / "base.pth"
+    moved.parent.mkdir()
+    shutil.copy(pico_base, moved)
+    monkeypatch.chdir(tmp_path)
+    before = _bytes(store)
+    for name in (str(moved), "moved/base.pth"):  # absolute and relative
+        proc = tec_in_process(capfd, *_argv(fmnist_shards, name, store))
+        assert proc.returncode == 0, proc.stderr
+        assert "0 of 2 tasks computed" in proc.stdout
+    assert _bytes(store) == before
+    other = tmp_path / "other.pth"
+    from tests.conftest import save_base_checkpoint
+
+    save_base_checkpoint(other, seed=1)
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, other, store))
+    assert_one_line_error(proc)
+    assert "base_model.sha256" in proc.stderr
+
+
+def test_verify_finds_the_base_model_by_content(store: Path, fmnist_shards: Path, pico_base: Path,
+                                                tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    moved = tmp_path / "elsewhere.pth"
+    shutil.copy(pico_base, moved)
+    group = zarr.open_group(str(store), mode="r+")
+    tec = dict(group.attrs)["tec"]
+    tec["base_model"]["source"] = str(tmp_path / "gone.pth")  # the recorded path no longer exists
+    group.attrs["tec"] = tec
+    missing = tec_in_process(capfd, "verify", str(store), "--shards", str(fmnist_shards), "--recompute", "2")
+    assert_one_line_error(missing)
+    assert "--base-model" in missing.stderr
+    ok = tec_in_process(capfd, "verify", str(store), "--shards", str(fmnist_shards), "--recompute", "3",
+                        "--base-model", str(moved))
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+
+
+def test_verify_top_k_allows_near_ties_only() -> None:
+    from tec_pipeline.store.verify import topk_agrees
+
+    scores = np.array([5.0, 4.0, 3.0, 3.0 + 1e-6, 1.0])
+    assert topk_agrees(np.array([0, 1, 2]), scores, 1e-3)  # 2 and 3 are tied within the allowance
+    assert topk_agrees(np.array([0, 1, 3]), scores, 1e-3)
+    assert not topk_agrees(np.array([0, 1, 4]), scores, 1e-3)  # a clearly lower patch
+    assert not topk_agrees(np.array([0, 0, 1]), scores, 1e-3)  # duplicates
+
+
+def test_not_enough_free_space_is_refused_before_any_store(fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import tec_pipeline.stage1.plan as plan
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "full.zarr"
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out))
+    assert_one_line_error(proc)
+    assert "GB free" in proc.stderr and not out.exists()
+
+
+def test_disk_full_mid_run_one_line_and_finished_tasks_kept(store: Path, fmnist_shards: Path, pico_base: Path,
+                                                            tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "filling.zarr"
+    writes = {"n": 0}
+    real = TargetStore.write_task
+
+    def fill_up(self: TargetStore, task: object, **arrays: np.ndarray) -> None:
+        writes["n"] += 1
+        if writes["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "features"))
+        real(self, task, **arrays)
+
+    monkeypatch.setattr(TargetStore, "write_task", fill_up)
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out))
+    assert_one_line_error(proc)
+    assert "the disk is full" in proc.stderr and "kept" in proc.stderr
+    monkeypatch.setattr(TargetStore, "write_task", real)
+    assert TargetStore.open(out).done_mask().sum() == 1
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out))  # the rerun finishes it
+    assert proc.returncode == 0 and "1 of 2 tasks computed" in proc.stdout
+    reference = TargetStore.open(store).read_rows(0, 0, 128)
+    for name, value in TargetStore.open(out).read_rows(0, 0, 128).items():
+        assert np.array_equal(value, reference[name]), name
+
+
+def test_stage2_refuses_another_replay(store: Path, fmnist_shards: Path) -> None:
+    from tec_pipeline.data.shards import load_manifest
+    from tec_pipeline.models.vit import resolve_arch
+    from tec_pipeline.train.pretrain import store_mismatches
+
+    group = zarr.open_group(str(store), mode="r+")
+    tec = dict(group.attrs)["tec"]
+    tec["views"]["replay"] = {**tec["views"]["replay"], "implementation": "pillow-simd crop+resize"}
+    group.attrs["tec"] = tec
+    reasons = store_mismatches(TargetStore.open(store), load_manifest(fmnist_shards),
+                               resolve_arch("tec_pico_p4_16"), 4, False)
+    assert any("replayed by" in r and "pillow-simd" in r for r in reasons), reasons
