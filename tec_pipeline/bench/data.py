@@ -56,7 +56,7 @@ def save_random_base(path: Path, arch_name: str, seed: int = 0) -> Path:
     return path
 
 
-def _sample_photos() -> list[Image.Image]:
+def sample_photos() -> list[Image.Image]:
     try:
         import skimage
     except ImportError:
@@ -74,7 +74,7 @@ def _generated(rng: np.random.Generator, height: int, width: int) -> Image.Image
 def write_image_folder(root: Path, count: int, kind: str, seed: int = 0) -> Path:
     """`count` images in two class folders: 'photos' (JPEG crops, 256-512 px) or 'gray28' (28 px PNG)."""
     rng = np.random.default_rng(seed)
-    photos = _sample_photos() if kind == "photos" else []
+    photos = sample_photos() if kind == "photos" else []
     for c in ("a", "b"):
         (root / c).mkdir(parents=True, exist_ok=True)
     for i in range(count):

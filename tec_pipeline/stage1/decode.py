@@ -40,7 +40,7 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
     if any((t.row_start, t.row_stop) != (start, stop) for t in tasks):
         raise ValueError(f"tasks of different row ranges cannot share a decode: {tasks}")
     n = stop - start
-    pixels = torch.zeros(len(tasks), n, 3, img_size, img_size, dtype=torch.uint8)
+    pixels = torch.empty(len(tasks), n, 3, img_size, img_size, dtype=torch.uint8)  # every row is written below
     boxes = np.zeros((len(tasks), n, 5), dtype=np.int32)
     valid = np.zeros(n, dtype=bool)
     for sample in iter_samples(shards_dir, start, stop, manifest):
@@ -52,6 +52,8 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
             replay_view_into(pixels[j, i], sample.image, box)
             boxes[j, i] = box.as_array()
         valid[i] = True
+    if not valid.all():  # undecodable or missing rows (a truncated shard yields none): blank pixels
+        pixels[:, torch.from_numpy(~valid)] = 0
     return [TaskInputs(task, pixels[j], boxes[j], valid.copy()) for j, task in enumerate(tasks)]
 
 

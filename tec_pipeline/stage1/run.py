@@ -72,13 +72,18 @@ def _write_errors(cfg: CacheConfig, fn: Any) -> Any:
                         "kept — free space or fix permissions and rerun to continue") from None
 
 
-def cache_targets(cfg: CacheConfig, progress: bool = False) -> dict[str, Any]:
+def cache_targets(cfg: CacheConfig, progress: bool = False,
+                  encoder: tuple[Any, EncoderCheckpoint] | None = None) -> dict[str, Any]:
     """Create or resume the store at cfg.out and compute every pending task. Returns a short summary
-    (on every rank under torchrun, with 'rank'; the counts cover all ranks)."""
+    (on every rank under torchrun, with 'rank'; the counts cover all ranks).
+
+    encoder: (model, checkpoint) instead of loading cfg.base_model, in-process executor only (the host-path
+    benchmark's stand-in: a model with its own `stored_targets`).
+    """
     validate_config(cfg)
     ranks = ranks_from_env()
     manifest = load_manifest(cfg.shards)
-    model, ckpt = load_encoder(cfg.base_model, cfg.base_arch)
+    model, ckpt = encoder or load_encoder(cfg.base_model, cfg.base_arch)
     rows = manifest.total_rows if cfg.limit is None else min(cfg.limit, manifest.total_rows)
     store_spec(cfg, ckpt, rows)  # the --topk / --last-layers checks, before any connection or write
     with ExitStack() as stack, coordination(ranks):

@@ -104,6 +104,13 @@ def _require_finite(x: np.ndarray, what: str, limit: float = np.inf) -> None:
     """
     if not x.size:
         return
+    if x.dtype == np.float16:
+        # numpy reduces float16 in software (2.3 ms per ViT-B row); on the bits it is one integer max (0.09 ms):
+        # exponent all ones = inf or NaN, also where a cast to float16 overflowed (on the device, in stage 1)
+        if int(np.bitwise_and(x.view(np.uint16), 0x7FFF, dtype=np.uint16).max()) >= 0x7C00:
+            raise ValueError(f"{what} contains non-finite values (or values beyond ±{FP16_MAX:g} before the cast "
+                             "to float16); refusing to store them")
+        return
     lo, hi = float(x.min()), float(x.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"{what} contains non-finite values; refusing to store them")

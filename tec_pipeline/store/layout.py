@@ -358,7 +358,7 @@ class TargetStore:
                    boxes: np.ndarray, valid: np.ndarray) -> None:
         """Write one task's rows (whole chunks), then mark it done.
 
-        features: float32 [n, L, D] normalised; attention: float [n, 1+k, H, L] logits; topk_index: int [n, k]
+        features: float32 (or float16) [n, L, D] normalised; attention: float [n, 1+k, H, L] logits; topk_index: int [n, k]
         in 0..L-1; boxes: int [n, 5] (top, left, height, width, flip); valid: bool [n]; n = task.rows.
         Invalid rows are stored as zeros whatever the inputs hold.
         """
@@ -453,10 +453,11 @@ def _task_rows(spec: StoreSpec, task: Task, **inputs: np.ndarray) -> dict[str, n
         0 <= task.view < spec.views and 0 <= task.index < spec.tasks_per_view
     ):
         raise ValueError(f"{task} is not a task of this store ({spec})")
+    floats = (np.float16, np.float32)  # float16 passes through: stage 1 casts on the device for the fp16 codec
     wanted = {  # valid first: the others are zeroed where it is False
         "valid": ((n,), np.bool_),
-        "features": ((n, spec.patches, spec.dim), np.float32),
-        "attention": ((n, spec.queries, spec.heads, spec.patches), np.float32),
+        "features": ((n, spec.patches, spec.dim), floats),
+        "attention": ((n, spec.queries, spec.heads, spec.patches), floats),
         "topk_index": ((n, spec.k), np.int16),
         "boxes": ((n, 5), np.int32),
     }
@@ -465,6 +466,8 @@ def _task_rows(spec: StoreSpec, task: Task, **inputs: np.ndarray) -> dict[str, n
         value = np.asarray(inputs[name])
         if value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}, expected {shape} for {task}")
+        if isinstance(dtype, tuple):
+            dtype = value.dtype.type if value.dtype.type in dtype else np.float32
         if name != "valid" and not out["valid"].all():
             value = np.where(out["valid"].reshape(-1, *[1] * (value.ndim - 1)), value, 0)
         if np.issubdtype(dtype, np.signedinteger) and value.size:

@@ -1,0 +1,118 @@
+"""Stage 1's host-path cost: the whole `cache_targets` pipeline with a zero-cost stand-in base model.
+
+The stand-in returns ViT-B/16-shaped targets (L=196, D=768, H=12, k=15; Gaussian values, the documented worst
+case for the quantising codecs) without computing, so what is measured is everything around the model: read,
+JPEG decode, view sampling and replay, the copies to and from the device, casts, encoding, compression, CRC and
+writes. Images are ImageNet-sized JPEGs (500x375 or 375x500, quality 90) cut from scikit-image's photos.
+
+Reported per codec as CPU milliseconds per view (process CPU time of this process, its writer threads and
+the decode workers it reaps: a busy host does not move it) and views per second (wall clock: it does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tec_pipeline.bench.data import sample_photos
+from tec_pipeline.data.writing import write_shards
+from tec_pipeline.models.base import EncoderCheckpoint
+from tec_pipeline.models.vit import resolve_arch
+from tec_pipeline.stage1 import CacheConfig, cache_targets
+
+STAND_IN_ARCH = "vit_base_patch16_224"
+HOST_PATH_CODECS = ("fp16", "int8", "ecq")
+GOALS_CPU_MS = {"fp16": 1.6, "ecq": 1.1}
+
+
+class StandInBase(torch.nn.Module):
+    """A base model that costs nothing: `stored_targets` slices pre-made targets of the ViT-B shapes.
+
+    features [B,196,768] and attention [B,16,12,196] float32 N(0,1), topk_index [B,15]; a different slice of
+    a pool twice the batch each call, so consecutive rows are not byte-identical (that would flatter zstd).
+    """
+
+    def __init__(self, batch: int, k: int = 15, seed: int = 0) -> None:
+        super().__init__()
+        arch = resolve_arch(STAND_IN_ARCH)
+        g = torch.Generator().manual_seed(seed)
+        L, D, H = arch.num_patches, arch.embed_dim, arch.num_heads
+        self.register_buffer("features", torch.randn(2 * batch, L, D, generator=g))
+        self.register_buffer("attention", torch.randn(2 * batch, 1 + k, H, L, generator=g) * 3)
+        self.register_buffer("topk", torch.stack([torch.randperm(L, generator=g)[:k] for _ in range(2 * batch)]))
+        self.batch, self._calls = batch, 0
+
+    def stored_targets(self, x: torch.Tensor, k: int, last_layers: int) -> dict[str, torch.Tensor]:
+        b, start = len(x), (self._calls * 7) % (self.batch + 1)
+        self._calls += 1
+        return {"features": self.features[start:start + b], "attention": self.attention[start:start + b, : 1 + k],
+                "topk_index": self.topk[start:start + b, :k]}
+
+
+def stand_in_checkpoint() -> EncoderCheckpoint:
+    arch = resolve_arch(STAND_IN_ARCH)
+    return EncoderCheckpoint({}, arch, "stand-in", hashlib.sha256(b"stand-in ViT-B/16").hexdigest(), "stand-in")
+
+
+def write_imagenet_sized_shards(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` JPEGs of 500x375 / 375x500 px (random crops of the sample photos) as shards under root/shards."""
+    rng = np.random.default_rng(seed)
+    photos = sample_photos()
+    folder = root / "images"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = (500, 375) if i % 4 else (375, 500)
+        if photos:
+            photo = photos[i % len(photos)]
+            cw, ch = int(photo.width * rng.uniform(0.6, 1.0)), int(photo.height * rng.uniform(0.6, 1.0))
+            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+            image = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h))
+        image.save(folder / ("a", "b")[i % 2] / f"{i:06d}.jpg", quality=90)
+    write_shards(f"imagefolder:{folder}", root / "shards", "train", shard_size=256, seed=seed, progress=False)
+    return root / "shards"
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (every thread) and of its reaped children (the decode workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def host_path_cost(shards: Path, work: Path, codec: str, device: torch.device, views: int = 2,
+                   batch: int = 64, chunk_rows: int = 256, loader_workers: int = 1,
+                   writer_threads: int = 2) -> dict[str, float]:
+    """One whole stage-1 run over `shards` with the stand-in, into a fresh store: CPU-ms per view, views/s."""
+    out = work / f"host-{codec}.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    model = StandInBase(batch).to(device)
+    cfg = CacheConfig(shards=str(shards), base_model="stand-in", out=str(out), views=views, topk=15, codec=codec,
+                      chunk_rows=chunk_rows, batch_size=batch, loader_workers=loader_workers,
+                      writer_threads=writer_threads, device=str(device))
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    summary = cache_targets(cfg, encoder=(model, stand_in_checkpoint()))
+    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".claims"), ignore_errors=True)
+    return {"cpu_ms_per_view": 1e3 * cpu / summary["images"], "views_s": summary["images"] / wall,
+            "views": summary["images"]}
+
+
+def compare_host_path(root: Path, device: torch.device, images: int, loader_workers: int = 1) -> dict[str, Any]:
+    """Host-path cost per codec on `images` ImageNet-sized JPEGs at V=2, with the goals beside them."""
+    shards = write_imagenet_sized_shards(root / "host-path", images)
+    out: dict[str, Any] = {"images": images, "views": 2, "loader_workers": loader_workers, "codecs": {}}
+    for codec in HOST_PATH_CODECS:
+        out["codecs"][codec] = host_path_cost(shards, root, codec, device, loader_workers=loader_workers)
+    out["goals_cpu_ms_per_view"] = dict(GOALS_CPU_MS)
+    return out
