@@ -44,3 +44,10 @@ BENCH_JSON ?= runs/bench/bench.json
 .PHONY: bench
 bench: install
 	$(TEC) bench --preset $(BENCH_PRESET) $(BENCH_ARGS) --json $(BENCH_JSON)
+
+# One unattended GPU run (≤ 8 min on one GPU): stage-1 bare vs end-to-end at preset base, bf16 vs fp32 targets,
+# cached vs online stage 2, into one JSON file.
+GPU_CHECK_JSON ?= runs/gpu-check.json
+.PHONY: gpu-check
+gpu-check: install
+	timeout 480 $(PY) -m tec_pipeline.bench.gpu_check --device cuda --out $(GPU_CHECK_JSON)

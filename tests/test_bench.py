@@ -50,7 +50,12 @@ def test_tiny_quick_writes_every_key(tmp_path: Path) -> None:
     assert all(_positive(f["img_s"]) for f in result["multimask"].values())
     mem = result["memory"]
     assert mem["rows_large"] == 4 * mem["rows_small"] and mem["ratio"] == pytest.approx(mem["rss_large_mb"] / mem["rss_small_mb"])
-    assert set(result["goals"]) == {"stage2", "stage1", "codecs", "attention_targets", "memory"}
+    assert set(result["goals"]) == {"stage2", "stage1", "codecs", "attention_targets", "memory", "host_path_fp16",
+                                    "host_path_ecq"}
+    host = result["host_path"]
+    assert host["images"] == 32 and set(host["codecs"]) == {"fp16", "int8", "ecq"}
+    assert all(_positive(f["cpu_ms_per_view"]) and _positive(f["views_s"]) and f["views"] == 64
+               for f in host["codecs"].values())
     assert not list((tmp_path / "work").iterdir())  # every temporary file is gone
 
 
@@ -115,3 +120,18 @@ def test_peak_rss_is_the_childs_own_not_the_parents() -> None:
     assert ballast.sum() > 0
     child = peak_rss_mb(["--help"])  # cli only: click, no torch
     assert 0 < child["imports_mb"] <= child["peak_mb"] < 200
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
+    from tec_pipeline.bench.gpu_check import main
+
+    out = tmp_path / "gpu-check.json"
+    main(["--device", "cpu", "--smoke", "--out", str(out), "--work-dir", str(tmp_path)])
+    result = json.loads(out.read_text())
+    assert result["ran_on_gpu"] is False and result["device"] == "cpu"
+    s1 = result["stage1"]
+    assert _positive(s1["bare_forward_img_s"]) and s1["ratio"] == pytest.approx(
+        s1["end_to_end_img_s"] / s1["bare_forward_img_s"])
+    agree = result["agreement_bf16_vs_fp32"]
+    assert 0 < agree["feature_max_abs_err"] < 10 and 0 < agree["topk_overlap_mean"] <= 1
+    assert all(_positive(result["stage2"][k]) for k in ("cached_img_s", "online_img_s", "ratio"))

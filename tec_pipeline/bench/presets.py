@@ -41,6 +41,7 @@ class BenchPreset:
     attention_batches: tuple[int, ...] = (8, 64)
     masks: tuple[int, ...] = (1, 2, 4)
     quick_arch: str | None = None  # a cheaper model for --quick (None: the same)
+    host_path_images: int = 256  # ImageNet-sized JPEGs of the host-path cost (stand-in ViT-B, every preset)
 
     def quick(self) -> BenchPreset:
         """Every comparison at the smallest sizes that still time a whole epoch: checks that everything runs.
@@ -50,7 +51,8 @@ class BenchPreset:
         batch = min(self.batch, 32)
         return dataclasses.replace(self, name=f"{self.name}-quick", arch=self.quick_arch or self.arch,
                                    images=4 * batch, batch=batch, epochs=1, reps=1, chunk_rows=2 * batch,
-                                   memory_factor=4, memory_reps=1, attention_batches=self.attention_batches[:1])
+                                   memory_factor=4, memory_reps=1, attention_batches=self.attention_batches[:1],
+                                   host_path_images=32)
 
 
 PRESETS: dict[str, BenchPreset] = {
