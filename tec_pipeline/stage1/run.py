@@ -43,9 +43,12 @@ __all__ = ["CacheConfig", "cache_targets"]
 def _pending_before_creation(out: str, spec: StoreSpec) -> list[Task]:
     """Tasks still to run at `out`: those not done in an existing store, every task of a new one."""
     try:
-        return TargetStore.open(out).pending_tasks()
+        store = TargetStore.open(out)
+        if "done" in store.group():  # a creation killed half-way may lack it: create_or_resume completes it
+            return store.pending_tasks()
     except UserError:
-        return [Task(v, t, t * spec.chunk_rows, min(spec.rows, (t + 1) * spec.chunk_rows))
+        pass
+    return [Task(v, t, t * spec.chunk_rows, min(spec.rows, (t + 1) * spec.chunk_rows))
                 for v in range(spec.views) for t in range(spec.tasks_per_view)]
 
 
