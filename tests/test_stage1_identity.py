@@ -131,7 +131,22 @@ def test_not_enough_free_space_is_refused_before_any_store(fmnist_shards: Path, 
     out = tmp_path / "full.zarr"
     proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out))
     assert_one_line_error(proc)
-    assert "GB free" in proc.stderr and not out.exists()
+    assert "MB free" in proc.stderr and not out.exists()
+
+
+def test_read_only_out_one_line_before_any_store(fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    from types import SimpleNamespace
+
+    import tec_pipeline.stage1.plan as plan
+
+    monkeypatch.setattr(plan.os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY))  # root ignores chmod
+    out = tmp_path / "ro.zarr"
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out))
+    assert_one_line_error(proc)
+    assert "read-only" in proc.stderr and not out.exists()
 
 
 def test_disk_full_mid_run_one_line_and_finished_tasks_kept(store: Path, fmnist_shards: Path, pico_base: Path,

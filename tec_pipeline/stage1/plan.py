@@ -93,9 +93,14 @@ def check_free_space(out: str, needed: int) -> None:
     probe = next((p for p in (path, *path.parents) if p.exists()), None)
     if probe is None:
         return
+    if os.statvfs(probe).f_flag & os.ST_RDONLY or not os.access(probe, os.W_OK):
+        raise UserError(f"{out} is not writable ({probe} is on a read-only file system or not writable by this "
+                        "user); choose another --out")
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise UserError(f"{out} needs about {needed / 1e9:.2f} GB more for the pending tasks, and its disk has "
-                        f"{free / 1e9:.2f} GB free; free space or choose another --out")
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"{out} is not writable (permission denied on {probe}); choose another --out")
+        raise UserError(f"{out} needs about {_size(needed)} more for the pending tasks, and its disk has "
+                        f"{_size(free)} free; free space or choose another --out")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
