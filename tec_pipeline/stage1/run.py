@@ -33,8 +33,8 @@ from tec_pipeline.stage1.plan import (
     store_spec,
 )
 from tec_pipeline.stage1.ranks import Ranks, coordination, from_main, rank_device, ranks_from_env, total
-from tec_pipeline.store.claims import ClaimBook
-from tec_pipeline.store.layout import VOLATILE_ATTRS, StoreSpec, TargetStore, Task, local_root
+from tec_pipeline.store.claims import ClaimBook, local_root
+from tec_pipeline.store.layout import VOLATILE_ATTRS, StoreSpec, TargetStore, Task
 
 log = logging.getLogger(__name__)
 __all__ = ["CacheConfig", "cache_targets"]

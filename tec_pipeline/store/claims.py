@@ -1,14 +1,15 @@
 """Task claims: several writers (processes, ranks, hosts) on one local store never write the same task.
 
-A claim is a file `v{view}-t{task}` in `STORE.claims/` beside the store (inside it, Zarr would warn about
-a non-Zarr member on every listing), created atomically (O_CREAT | O_EXCL) before the
-task is computed and removed after its done flag is written. It names its owner (host, pid, a per-process
+A claim is a file `v{view}-t{task}` in `STORE.claims/` beside the store (inside it, Zarr would warn about a
+non-Zarr member on every listing), created atomically (O_CREAT | O_EXCL) before the task is computed and
+removed after its done flag is written. It names its owner (host, pid, a per-process
 token) and its mtime is the heartbeat, refreshed every HEARTBEAT_S by a daemon thread while it is held.
 
 A claim is live while its heartbeat is younger than STALE_S and, on the claimant's own host, its process
 exists; otherwise it is stale and may be taken over: it is renamed to a unique name (only one taker's rename
 wins), checked to still be the claim judged stale, and replaced with a new O_EXCL claim. Torn-write cleanup
-(layout.py) deletes a `*.partial` file only when the task it belongs to has no live claim.
+(`remove_torn_writes`, called by TargetStore.create_or_resume) deletes a `*.partial` file only when the task
+it belongs to has no live claim.
 
 Stores at other fsspec URLs (memory://, s3://) have no claims: one writer at a time there.
 """
@@ -194,3 +195,38 @@ class ClaimBook:
                     os.utime(path)
                 except FileNotFoundError:
                     pass
+
+
+def local_root(url: str | os.PathLike[str]) -> Path | None:
+    """The directory of a store on the local filesystem (path or file:// URL), None for other fsspec URLs."""
+    path = os.fspath(url)
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return Path(path.removeprefix("file://")).absolute()
+
+
+METADATA_PARTIAL_AGE_S = 30.0  # a zarr.json write takes milliseconds: an older temporary file is a dead write's
+
+
+def _partial_task(root: Path, leftover: Path) -> tuple[int, int] | None:
+    """(view, task) whose chunk `leftover` (ARRAY/c/VIEW/TASK/...*.partial) was being written, None for metadata."""
+    parts = leftover.relative_to(root).parts
+    if len(parts) >= 4 and parts[1] == "c" and parts[2].isdigit() and parts[3].split(".")[0].isdigit():
+        return int(parts[2]), int(parts[3].split(".")[0])
+    return None
+
+
+def remove_torn_writes(root: Path) -> None:
+    """Delete `*.partial` files of dead writers: Zarr's local atomic writes go to one and rename it into place, so
+    a writer killed mid-write leaves it behind. A chunk's temporary file is kept while its task has a live claim
+    (claims.py: another writer is writing it right now); a metadata one while it is younger than
+    METADATA_PARTIAL_AGE_S (a concurrent creation of the same store)."""
+    live, now = live_tasks(root), time.time()
+    for leftover in root.rglob("*.partial"):
+        task = _partial_task(root, leftover)
+        try:
+            if task in live or (task is None and now - leftover.stat().st_mtime < METADATA_PARTIAL_AGE_S):
+                continue
+        except FileNotFoundError:
+            continue  # its writer just renamed it into place
+        leftover.unlink(missing_ok=True)

@@ -30,10 +30,8 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +42,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from tec_pipeline.config import to_plain
 from tec_pipeline.errors import UserError
-from tec_pipeline.store.claims import live_tasks
+from tec_pipeline.store.claims import remove_torn_writes
 from tec_pipeline.store.codecs import ArrayLayout, Codec, create_array, get_codec, layout_mismatch
 
 FORMAT_VERSION = 1
@@ -131,41 +129,6 @@ def _zarr_store(url: str, read_only: bool) -> Store:
     if os.path.isfile(path):
         raise UserError(f"{url} is a file, not a target store directory; pass the store's directory")
     return LocalStore(path, read_only=read_only)
-
-
-def local_root(url: str | os.PathLike[str]) -> Path | None:
-    """The directory of a store on the local filesystem (path or file:// URL), None for other fsspec URLs."""
-    path = os.fspath(url)
-    if "://" in path and not path.startswith("file://"):
-        return None
-    return Path(path.removeprefix("file://")).absolute()
-
-
-METADATA_PARTIAL_AGE_S = 30.0  # a zarr.json write takes milliseconds: an older temporary file is a dead write's
-
-
-def _partial_task(root: Path, leftover: Path) -> tuple[int, int] | None:
-    """(view, task) whose chunk `leftover` (ARRAY/c/VIEW/TASK/...*.partial) was being written, None for metadata."""
-    parts = leftover.relative_to(root).parts
-    if len(parts) >= 4 and parts[1] == "c" and parts[2].isdigit() and parts[3].split(".")[0].isdigit():
-        return int(parts[2]), int(parts[3].split(".")[0])
-    return None
-
-
-def _remove_torn_writes(root: Path) -> None:
-    """Delete `*.partial` files of dead writers: Zarr's local atomic writes go to one and rename it into place, so
-    a writer killed mid-write leaves it behind. A chunk's temporary file is kept while its task has a live claim
-    (claims.py: another writer is writing it right now); a metadata one while it is younger than
-    METADATA_PARTIAL_AGE_S (a concurrent creation of the same store)."""
-    live, now = live_tasks(root), time.time()
-    for leftover in root.rglob("*.partial"):
-        task = _partial_task(root, leftover)
-        try:
-            if task in live or (task is None and now - leftover.stat().st_mtime < METADATA_PARTIAL_AGE_S):
-                continue
-        except FileNotFoundError:
-            continue  # its writer just renamed it into place
-        leftover.unlink(missing_ok=True)
 
 
 async def _collect(items: AsyncIterator[str]) -> list[str]:
@@ -267,7 +230,7 @@ class TargetStore:
                 "choose another --out or delete it"
             )
         if isinstance(zstore, LocalStore):
-            _remove_torn_writes(zstore.root)
+            remove_torn_writes(zstore.root)
         store._ensure_arrays()  # also completes a creation that was killed half-way
         return store
 
