@@ -37,5 +37,7 @@ def command(**options: object) -> None:
     summary = cache_targets(cfg, progress=show_progress())
     if summary["rank"] != 0:
         return  # one summary per run, from rank 0 (its counts cover every rank)
+    left = summary["tasks_left_to_other_writers"]
     click.echo(f"{summary['tasks_run']} of {summary['tasks_total']} tasks computed ({summary['images']} images, "
-               f"{summary['img_s']:.0f} img/s) -> {cfg.out}")
+               f"{summary['img_s']:.0f} img/s) -> {cfg.out}"
+               + (f"; {left} left to another writer holding them" if left else ""))

@@ -135,9 +135,12 @@ def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Pa
             time.sleep(1.0)  # the first writer holds claims and is writing
         second = _start(procs, [sys.executable, "-c", _SLOW_DRIVER, "0.1", *argv])
         results = [p.communicate(timeout=300) for p in (first, second)]
-    for proc, (_, stderr) in zip((first, second), results, strict=True):
+    computed = 0
+    for proc, (stdout, stderr) in zip((first, second), results, strict=True):
         assert proc.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr
+        computed += int(next(ln for ln in stdout.splitlines() if "tasks computed" in ln).split()[0])
+    assert computed == 10  # every task written by exactly one of the two writers
     store = TargetStore.open(out)
     assert store.done_mask().all() and not store.check_integrity()
     _assert_same_arrays(out, reference)

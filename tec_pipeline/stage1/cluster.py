@@ -77,15 +77,15 @@ def _claim(claims: Any, store: Any, tasks: list[Task]) -> list[Task]:
         time.sleep(HEARTBEAT_S)
 
 
-def run_group(cfg: CacheConfig, tasks: list[Task]) -> int:
-    """Compute and write one chunk group on a dask worker; returns the number of images written."""
+def run_group(cfg: CacheConfig, tasks: list[Task]) -> tuple[int, int]:
+    """Compute and write one chunk group on a dask worker; returns (images, tasks) written."""
     from tec_pipeline.stage1.compute import compute_task
     from tec_pipeline.stage1.decode import decode_tasks
 
     model, device, manifest, store, claims = _worker_resources(cfg)
     tasks = _claim(claims, store, tasks)
     if not tasks:
-        return 0
+        return 0, 0
     try:
         images = 0
         for inputs in decode_tasks(cfg.shards, manifest, tasks, cfg.seed, store.attrs["base_model"]["input_size"]):
@@ -94,7 +94,7 @@ def run_group(cfg: CacheConfig, tasks: list[Task]) -> int:
             store.write_task(inputs.task, **result)
             claims.release(inputs.task)
             images += len(inputs.pixels)
-        return images
+        return images, len(tasks)
     finally:
         for task in tasks:
             claims.release(task)
@@ -131,7 +131,7 @@ def cluster_device_type(client: Any, device: str) -> str:
     return types.pop()
 
 
-def run_on_dask(client: Any, cfg: CacheConfig, groups: list[list[Task]], progress: bool) -> int:
+def run_on_dask(client: Any, cfg: CacheConfig, groups: list[list[Task]], progress: bool) -> tuple[int, int]:
     """Run every chunk group on the client's cluster; on GPU workers (resource GPU) one group per GPU at once."""
     cfg = absolute(cfg)
     workers = client.scheduler_info()["workers"].values()
@@ -140,10 +140,11 @@ def run_on_dask(client: Any, cfg: CacheConfig, groups: list[list[Task]], progres
                              resources=resources) for g in groups]
     from dask.distributed import as_completed
 
-    images, t0 = 0, time.perf_counter()
+    images, done, t0 = 0, 0, time.perf_counter()
     with tqdm(total=len(groups), desc="cache-targets", unit="chunk", disable=not progress) as bar:
         for future in as_completed(futures):
-            images += future.result()
+            group_images, group_tasks = future.result()
+            images, done = images + group_images, done + group_tasks
             bar.update(1)
             bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
-    return images
+    return images, done

@@ -28,24 +28,35 @@ log = logging.getLogger(__name__)
 
 def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module, manifest: Manifest,
                    groups: list[list[Task]], device: torch.device, amp: str, claims: ClaimBook,
-                   progress: bool) -> int:
-    """Compute and write every task of `groups` not claimed by another live writer; returns images computed."""
+                   progress: bool) -> tuple[int, int]:
+    """Compute and write every task of `groups` not held or finished by another writer; returns (images, tasks)
+    computed here."""
     model.to(device)
     img_size = store.attrs["base_model"]["input_size"]
     dataset = ChunkDataset(cfg.shards, manifest, groups, cfg.seed, img_size)
-    images, t0 = 0, time.perf_counter()
+    images, tasks, t0 = 0, 0, time.perf_counter()
+
+    def admit(i: int) -> bool:
+        if not claims.claim(groups[i]):
+            return False
+        if all(store.is_done(t) for t in groups[i]):  # finished by another writer since the plan was made
+            for task in groups[i]:
+                claims.release(task)
+            return False
+        return True
+
     bar = tqdm(total=sum(map(len, groups)), desc="cache-targets", unit="task", disable=not progress)
     with threads_beside_workers(device, cfg.loader_workers), \
             WriterPool(store, cfg.writer_threads, claims.release) as writers:
         loader = decoded_groups(dataset, cfg.loader_workers, pin=device.type == "cuda",
-                                admit=lambda i: claims.claim(groups[i]))
+                                admit=admit)
         for group in loader:
             for inputs in group:
                 result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device, amp,
                                       store.codec)
                 writers.submit(inputs.task, result)
-                images += len(inputs.pixels)
+                images, tasks = images + len(inputs.pixels), tasks + 1
                 bar.update(1)
                 bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
     bar.close()
-    return images
+    return images, tasks
