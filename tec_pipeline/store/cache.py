@@ -41,6 +41,7 @@ class CacheConfig:
     base_model: str
     out: str
     base_arch: str | None = None
+    input_size: int | None = None  # the base model's input size (pos_embed resampled); None: its own
     views: int = 2
     topk: int = 15
     last_layers: int = 2
@@ -188,7 +189,7 @@ def cache_targets(cfg: CacheConfig, progress: bool = False) -> dict[str, Any]:
     """Create or resume the store at cfg.out and compute every pending task. Returns a short summary."""
     validate_config(cfg)
     manifest = load_manifest(cfg.shards)
-    model, ckpt = load_encoder(cfg.base_model, cfg.base_arch)
+    model, ckpt = load_encoder(cfg.base_model, cfg.base_arch, input_size=cfg.input_size)
     rows = manifest.total_rows if cfg.limit is None else min(cfg.limit, manifest.total_rows)
     arch = ckpt.arch
     require(cfg.topk <= arch.num_patches, f"--topk {cfg.topk} exceeds the {arch.num_patches} patches of {arch.name}")

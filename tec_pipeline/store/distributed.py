@@ -28,10 +28,10 @@ def _worker_resources(cfg: Any) -> tuple[Any, Any, Any]:
     from tec_pipeline.models.base import load_encoder
     from tec_pipeline.store.layout import TargetStore
 
-    key = (cfg.base_model, cfg.base_arch, cfg.shards, cfg.out)
+    key = (cfg.base_model, cfg.base_arch, cfg.input_size, cfg.shards, cfg.out)
     if key not in _WORKER_STATE:
         torch.set_num_threads(1)  # one task per worker thread; processes give the parallelism
-        model, _ = load_encoder(cfg.base_model, cfg.base_arch)
+        model, _ = load_encoder(cfg.base_model, cfg.base_arch, input_size=cfg.input_size)
         _WORKER_STATE[key] = (model, load_manifest(cfg.shards), TargetStore.open(cfg.out, mode="r+"))
     return _WORKER_STATE[key]
 

@@ -16,6 +16,7 @@ from tec_pipeline.data.shards import Manifest, iter_samples, load_manifest
 from tec_pipeline.data.views import ViewBox, normalize, replay_view_uint8
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
+from tec_pipeline.models.vit import ViTArch
 from tec_pipeline.store.layout import TargetStore
 
 NUMERIC_ALLOWANCE = 1e-3  # absolute + relative: float noise of another batch split, thread count or device
@@ -46,7 +47,9 @@ def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: 
                     base_arch: str | None = None) -> list[str]:
     """Reasons why `count` random valid rows do not match a fresh computation (empty: they match)."""
     attrs, spec = store.attrs, store.spec
-    model, _ = load_encoder(attrs["base_model"]["source"], base_arch or attrs["base_model"]["arch"]["name"])
+    # the recorded architecture (at the recorded input size) rebuilds exactly the model that made the store
+    recorded = base_arch or ViTArch.from_dict(attrs["base_model"]["arch"])
+    model, _ = load_encoder(attrs["base_model"]["source"], recorded, input_size=attrs["base_model"]["input_size"])
     rng = np.random.default_rng(seed)
     picks = [(int(rng.integers(spec.views)), int(rng.integers(spec.rows))) for _ in range(count)]
     images = _images_by_row(shards, manifest, [r for _, r in picks])
