@@ -33,10 +33,18 @@ from tests.timm_bases import (
 
 QK_NORM_ARGS = {"img_size": 64, "embed_dim": 64, "depth": 3, "num_heads": 4, "qk_norm": True}  # ViT-B/16 shape
 DEIT3_ARGS = {"img_size": 48, "embed_dim": 64, "depth": 3, "num_heads": 2}
+DINOV2_ARGS = {"img_size": 42, "embed_dim": 48, "depth": 3, "num_heads": 2}
 
 
 def _dinov2(tmp: Path) -> tuple[Path, str, dict[str, Any]]:
     return save_dinov2_hub(random_timm(TINY_DINOV2), tmp / "dinov2.pth"), TINY_DINOV2, {}
+
+
+def _dinov2_plain_hub(tmp: Path) -> tuple[Path, str, dict[str, Any]]:
+    """DINOv2 without registers: hub keys are timm's (CLS row inside pos_embed) plus the unused mask_token."""
+    model = random_timm("vit_small_patch14_dinov2", **DINOV2_ARGS)
+    torch.save({**model.state_dict(), "mask_token": torch.zeros(1, model.embed_dim)}, tmp / "dinov2_noreg.pth")
+    return tmp / "dinov2_noreg.pth", "vit_small_patch14_dinov2", DINOV2_ARGS
 
 
 def _qk_norm_hf(tmp: Path) -> tuple[Path, str, dict[str, Any]]:
@@ -54,6 +62,7 @@ def _deit3(tmp: Path) -> tuple[Path, str, dict[str, Any]]:
 # name -> (writer, input size to run at, arch given on the command line or None when the file records one)
 CASES: dict[str, tuple[Callable[[Path], tuple[Path, str, dict[str, Any]]], int, bool]] = {
     "dinov2_hub_registers_at_56px": (_dinov2, 56, True),
+    "dinov2_hub_no_registers_at_70px": (_dinov2_plain_hub, 70, True),
     "vit_base_shape_qk_norm_hf_layout": (_qk_norm_hf, 64, False),
     "deit3_at_64px": (_deit3, 64, True),
 }
@@ -81,8 +90,9 @@ def test_targets_equal_timm_forward_intermediates_and_hand_logits(case: str, tmp
 
 
 def test_formats_are_named(tmp_path: Path) -> None:
-    path, name, _ = _dinov2(tmp_path)
-    assert read_encoder_checkpoint(path, name).fmt == "dinov2"
+    for write in (_dinov2, _dinov2_plain_hub):
+        path, name, kwargs = write(tmp_path)
+        assert read_encoder_checkpoint(path, arch_from_timm(name, **kwargs)).fmt == "dinov2"
     hf, _, _ = _qk_norm_hf(tmp_path)
     ckpt = read_encoder_checkpoint(hf)  # the architecture comes from config.json
     assert ckpt.fmt == "timm-hf" and ckpt.arch.qk_norm and ckpt.arch.embed_dim == 64
