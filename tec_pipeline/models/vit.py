@@ -161,7 +161,15 @@ def unsupported_features(model: torch.nn.Module) -> list[str]:
                  | {type(b.attn).__name__ for b in model.blocks if not isinstance(getattr(b, "attn", None), Attention)})
     if odd:
         problems.append(f"blocks other than timm Block/Attention ({', '.join(odd)})")
+    elif not all(hasattr(b.mlp, "fc1") for b in model.blocks):  # its width gives mlp_ratio
+        problems.append(f"an MLP without fc1 ({type(model.blocks[0].mlp).__name__})")
     return problems
+
+
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """A ratio r with int(dim * r) == hidden, as timm sizes the MLP (hidden / dim itself may round down)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
 
 
 def arch_from_timm(name: str, img_size: int | None = None, **model_args: Any) -> ViTArch:
@@ -188,7 +196,7 @@ def arch_from_timm(name: str, img_size: int | None = None, **model_args: Any) ->
     return ViTArch(
         name=name, timm_name=name, img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
         embed_dim=dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / dim, decoder_embed_dim=dec_dim, decoder_num_heads=dec_heads,
+        mlp_ratio=_mlp_ratio(block.mlp.fc1.out_features, dim), decoder_embed_dim=dec_dim, decoder_num_heads=dec_heads,
         qkv_bias=block.attn.qkv.bias is not None, qk_norm=not isinstance(block.attn.q_norm, torch.nn.Identity),
         init_values=getattr(ls, "init_values", None), reg_tokens=model.num_reg_tokens, class_token=True,
         no_embed_class=model.no_embed_class)
