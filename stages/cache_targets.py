@@ -12,9 +12,12 @@ from tec_pipeline.stage1 import CacheConfig, cache_targets
 @click.command("cache-targets")
 @config_option
 @click.option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
-@click.option("--base-model", required=True, help="Base-model checkpoint (MAE, iBOT/DINO, timm, safetensors, ours).")
+@click.option("--base-model", required=True, help="Base-model checkpoint (MAE, iBOT/DINO, DINOv2 hub, timm, timm HF folder, safetensors, ours).")
 @click.option("--out", required=True, help="Store path or fsspec URL (e.g. store.zarr, file:///..., memory://x).")
-@click.option("--base-arch", default=None, help="Architecture when the checkpoint records none (e.g. vit_base_patch16_224).")
+@click.option("--base-arch", default=None, help="Architecture when the checkpoint records none: a preset or any timm "
+              "ViT name (e.g. vit_base_patch16_224, vit_small_patch14_reg4_dinov2).")
+@click.option("--input-size", default=None, type=int, help="Input size the base model runs at (pos_embed resampled "
+              "by timm; default: the architecture's own).")
 @click.option("--views", default=2, show_default=True, type=int, help="Views per image (V).")
 @click.option("--topk", default=15, show_default=True, type=int, help="k: patch-query attention rows kept.")
 @click.option("--last-layers", default=2, show_default=True, type=int, help="Last blocks averaged into the feature target.")

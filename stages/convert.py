@@ -8,13 +8,14 @@ from tec_pipeline.config import config_option
 
 
 @click.command("convert")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Output file (.safetensors): timm VisionTransformer weights plus their architecture.")
 @click.option("--arch", default=None,
               help="Architecture (preset or timm ViT name) when the checkpoint records none, e.g. an MAE release.")
+@click.option("--input-size", default=None, type=int, help="Export at this input size (pos_embed resampled by timm).")
 @config_option
-def command(checkpoint: str, out: str, arch: str | None) -> None:
+def command(checkpoint: str, out: str, arch: str | None, input_size: int | None) -> None:
     """Export CHECKPOINT (TEC/MAE run, MAE release, iBOT/DINO, timm, safetensors) as timm ViT safetensors.
 
     The MLP CLS token is folded in, the final norm kept, adaptors and decoders dropped. The result loads
@@ -22,4 +23,4 @@ def command(checkpoint: str, out: str, arch: str | None) -> None:
     """
     from tec_pipeline.models.convert import convert_checkpoint
 
-    convert_checkpoint(checkpoint, out, arch)  # logs what it read and what it wrote
+    convert_checkpoint(checkpoint, out, arch, input_size)  # logs what it read and what it wrote

@@ -14,8 +14,10 @@ from tec_pipeline.config import config_option, from_options
 from tec_pipeline.eval.report import evaluation_record, write_json
 
 _COMMON = (
-    click.option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, timm, safetensors)."),
-    click.option("--arch", default=None, help="Architecture preset when the checkpoint records none."),
+    click.option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, iBOT/DINO, DINOv2 hub, "
+                 "timm, timm HF folder, safetensors)."),
+    click.option("--arch", default=None, help="Architecture (preset or timm ViT name) when the checkpoint records none."),
+    click.option("--input-size", default=None, type=int, help="Run the encoder at this size (default: its own)."),
     click.option("--train-shards", required=True, type=click.Path(), help="Labelled training shards."),
     click.option("--test-shards", required=True, type=click.Path(), help="Labelled test shards."),
     click.option("--json", "json", default=None, type=click.Path(dir_okay=False), help="Write the results here."),
@@ -95,8 +97,8 @@ def finetune_command(**options: Any) -> None:
 
     cfg = from_options(FinetuneConfig, options)
     rank, world = init_distributed()
-    encoder = read_encoder_checkpoint(cfg.checkpoint, cfg.arch)
-    check_input_size(cfg.arch, encoder.arch, cfg.checkpoint)
+    encoder = read_encoder_checkpoint(cfg.checkpoint, cfg.arch, arch_flag="--arch", input_size=cfg.input_size)
+    check_input_size(cfg.arch, encoder.arch, cfg.checkpoint, cfg.input_size)
     result = finetune(cfg, encoder, rank, world)
     if is_main_process():
         record = evaluation_record("finetune", encoder, result.pop("n_train"), result.pop("n_test"), cfg.seed, result)

@@ -14,8 +14,16 @@ from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretr
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics).")
 @click.option("--targets", default=None, help="Target store from `tec cache-targets` (cached mode).")
 @click.option("--base-model", default=None, help="Base-model checkpoint: online mode, targets computed per step.")
-@click.option("--base-arch", default=None, help="Base architecture when its checkpoint records none (online).")
-@click.option("--model", default=None, help="Student architecture (default: the base model's).")
+@click.option("--base-arch", default=None, help="Base architecture (preset or timm ViT name) when its checkpoint "
+              "records none (online).")
+@click.option("--model", default=None, help="Student: a preset or timm ViT name with the store's patch grid "
+              "(default: the base model's sizes); the student is a plain ViT of that size.")
+@click.option("--input-size", default=None, type=int, help="Student input size, same patch grid as the store "
+              "(online mode: the base model's too; default: the model's own).")
+@click.option("--decoder-depth", default=None, type=int, help="Shared TEC decoder blocks (default 2).")
+@click.option("--decoder-dim", default=None, type=int, help="TEC decoder width (default: by student width, 512 for ViT-B).")
+@click.option("--decoder-heads", default=None, type=int, help="TEC decoder heads (default: 16 for ViT-B).")
+@click.option("--decoder-mlp-ratio", default=None, type=float, help="TEC decoder MLP ratio (default 4).")
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Per-rank micro-batch.")
 @click.option("--accum", default=1, show_default=True, type=int, help="Gradient accumulation steps.")

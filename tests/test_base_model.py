@@ -153,10 +153,34 @@ def _refusal(path: Path, arch: str | None = ARCH.name) -> str:
 
 def test_wrong_shape_is_refused(tmp_path: Path) -> None:
     enc = _encoder(0)
-    enc["pos_embed"] = torch.zeros(1, 50, ARCH.embed_dim)  # a different grid: not interpolated
+    enc["blocks.1.mlp.fc1.weight"] = torch.zeros(100, ARCH.embed_dim)
     torch.save({"model": enc}, tmp_path / "c.pth")
     message = _refusal(tmp_path / "c.pth")
-    assert "pos_embed (1, 50, 48) vs model (1, 17, 48)" in message
+    assert "blocks.1.mlp.fc1.weight (100, 48) vs model (192, 48)" in message
+    enc = _encoder(0)
+    enc["pos_embed"] = torch.zeros(1, 21, ARCH.embed_dim)  # 20 or 21 positions: no square grid to resample
+    torch.save({"model": enc}, tmp_path / "c.pth")
+    assert "pos_embed (1, 21, 48) is no square patch grid" in _refusal(tmp_path / "c.pth")
+
+
+def test_another_grid_is_resampled_by_timm_and_recorded(tmp_path: Path) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    enc = _encoder(0)
+    enc["pos_embed"] = torch.randn(1, 1 + 7 * 7, ARCH.embed_dim)  # trained at 28 px, run at 16 px
+    torch.save({"model": enc}, tmp_path / "c.pth")
+    model, ckpt = load_encoder(tmp_path / "c.pth", ARCH.name)
+    assert ckpt.arch.source_grid == 7 and ckpt.arch.grid_size == 4
+    assert ckpt.arch.to_dict()["source_grid"] == 7 and ckpt.arch.to_dict()["grid_size"] == 4
+    expected = resample_abs_pos_embed(enc["pos_embed"], new_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, rtol=0, atol=0)
+
+
+def test_patch_size_mismatch_is_refused_not_resampled(tmp_path: Path) -> None:
+    enc = _encoder(0)
+    enc["patch_embed.proj.weight"] = torch.zeros(ARCH.embed_dim, 3, 2, 2)
+    torch.save({"model": enc}, tmp_path / "c.pth")
+    assert "has 2-pixel patches, the architecture tec_pico_p4_16 has 4" in _refusal(tmp_path / "c.pth")
 
 
 def test_unknown_and_missing_keys_are_refused(tmp_path: Path) -> None:

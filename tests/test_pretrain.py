@@ -141,10 +141,13 @@ def test_store_mismatches_are_named(store: Path, fmnist_shards: Path, tmp_path: 
     assert store_mismatches(target_store, manifest, arch, K, False) == []
     other = load_manifest(write_shards(f"imagefolder:{image_folder}", tmp_path / "o", progress=False) and tmp_path / "o")
     assert "other shards" in store_mismatches(target_store, other, arch, K, False)[0]
-    bigger = dataclasses.replace(arch, img_size=20)
-    assert any("input size" in r for r in store_mismatches(target_store, manifest, bigger, K, False))
-    wider = dataclasses.replace(arch, embed_dim=64)
-    assert any("embed dim" in r for r in store_mismatches(target_store, manifest, wider, K, False))
+    bigger = dataclasses.replace(arch, img_size=20)  # 5x5 patches, the store's are 4x4
+    assert any("patch grid is 4x4" in r and "5x5" in r for r in store_mismatches(target_store, manifest, bigger, K, False))
+    # another width, depth or head count is a cross-size student (spec §3.6b), not a mismatch
+    other_size = dataclasses.replace(arch, embed_dim=64, num_heads=4, depth=6)
+    assert store_mismatches(target_store, manifest, other_size, K, False) == []
+    same_grid = dataclasses.replace(arch, img_size=32, patch_size=8)  # other input size, same 4x4 grid
+    assert store_mismatches(target_store, manifest, same_grid, K, False) == []
     assert any("top-4" in r for r in store_mismatches(target_store, manifest, arch, K + 1, False))
 
 
@@ -161,6 +164,6 @@ def test_refusals_before_any_step(store: Path, fmnist_shards: Path, tmp_path: Pa
     assert "unfinished" in proc.stderr and not (out / "checkpoint.pth").exists()
     wrong_model = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(store), "--model", "tec_micro_p4_28"]))
     assert_one_line_error(wrong_model)
-    assert "input size" in wrong_model.stderr and "embed dim" in wrong_model.stderr
+    assert "patch grid is 4x4" in wrong_model.stderr and "--input-size 16" in wrong_model.stderr
     allowed = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(partial), "--allow-partial"]))
     assert allowed.returncode == 0, allowed.stderr

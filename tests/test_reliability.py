@@ -288,8 +288,8 @@ def test_cache_targets_refuses_a_bad_base_checkpoint_with_the_reason(
         reasons = ["unexpected keys blocks.0.attn.relative_position_bias (3,)",
                    "missing keys blocks.1.mlp.fc1.weight"]
     elif case == "wrong shapes":
-        model["pos_embed"] = torch.zeros(1, 50, 48)
-        reasons = ["shape mismatch pos_embed (1, 50, 48) vs model (1, 17, 48)"]
+        model["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 48)  # (another patch grid is resampled, not refused)
+        reasons = ["shape mismatch blocks.1.mlp.fc1.weight (100, 48) vs model (192, 48)"]
     else:
         model = _RunsCode(marker)
         reasons = ["refusing", "could run code"]

@@ -264,3 +264,39 @@ def test_gradcheck_float64() -> None:
     # fast mode compares random projections of the analytic and numerical Jacobians (one direction per input),
     # which keeps a whole-model check within a few seconds
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize(("base_dim", "base_heads"), [(96, 3), (24, 1)])
+def test_cross_size_student_predicts_at_the_base_width_and_heads(base_dim: int, base_heads: int) -> None:
+    """Spec §3.6b: a student of width 48 (2 heads) learns from a base of another width D and head count H."""
+    student = _student(pred_dim=base_dim, pred_heads=base_heads)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    targets = {"features": torch.randn(2, L, base_dim, generator=gen),
+               "attention": torch.randn(2, 1 + STORE_K, base_heads, L, generator=gen),
+               "topk_index": torch.stack([torch.randperm(L, generator=gen)[:STORE_K] for _ in range(2)])}
+    preds = student.predict(x, targets["topk_index"][:, :5], _noise())
+    assert preds["pred_fea"].shape == (2, L, base_dim) and preds["pred_att"].shape == (2, 6, base_heads, L)
+    assert student.forward_att_decoder.scale == base_dim**-0.5  # pred_dim^-0.5 with pred_dim = base D
+    assert student.blocks[0].attn.qkv.weight.shape == (3 * D, D)  # the encoder keeps the student's width
+    out = student(x, targets, noise=_noise())
+    out["loss"].backward()
+    assert math.isfinite(float(out["loss"].detach())) and student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_equal_width_student_is_exactly_the_reference_model() -> None:
+    default, explicit = _student(), _student(pred_dim=D, pred_heads=H, decoder_depth=PICO.decoder_depth)
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    assert all(torch.equal(v, explicit.state_dict()[k]) for k, v in default.state_dict().items())
+    x, targets = _batch()
+    assert torch.equal(default(x, targets, noise=_noise())["loss"], explicit(x, targets, noise=_noise())["loss"])
+
+
+def test_decoder_shape_comes_from_the_architecture() -> None:
+    import dataclasses
+
+    arch = dataclasses.replace(PICO, decoder_depth=3, decoder_embed_dim=40, decoder_num_heads=5, decoder_mlp_ratio=2.0)
+    torch.manual_seed(0)
+    student = TECStudent(arch, k=5)
+    assert len(student.decoder_blocks) == 3 and student.decoder_blocks[0].mlp.fc1.out_features == 80
+    assert student.decoder_blocks[0].attn.num_heads == 5 and student.decoder_pos_embed.shape == (1, 1 + L, 40)

@@ -133,11 +133,36 @@ def test_autocast_bf16_runs_and_is_close() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = compute_targets(model, x, k)
     assert low["features"].dtype == torch.float32  # the fp32 pos_embed keeps the residual stream fp32
-    assert low["attention"].dtype == torch.bfloat16
+    assert low["attention"].dtype == torch.float32  # rows and ranking are fp32 whatever the autocast
     torch.testing.assert_close(low["features"], exact["features"], rtol=0.05, atol=0.05)
     same = (low["topk_index"] == exact["topk_index"]).all(dim=1)
     assert same.any(), "bf16 ranking differs from fp32 for every image"
-    torch.testing.assert_close(low["attention"][same].float(), exact["attention"][same], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(low["attention"][same], exact["attention"][same], rtol=0.05, atol=0.05)
+
+
+def test_attention_rows_are_fp32_of_the_last_block_input_under_autocast() -> None:
+    """Under bf16 autocast, the rows and ranking equal the fp32 formula applied to the (bf16-computed) input of
+    the last block: only the blocks before it run in the autocast dtype."""
+    model, x, k = _model("pico"), _views("pico"), K["pico"]
+    last = model.blocks[-1]
+    seen: list[torch.Tensor] = []
+    hook = last.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = compute_targets(model, x, k)
+    finally:
+        hook.remove()
+    h = seen[0].float()
+    b, n, d = h.shape
+    qkv = F.linear(F.layer_norm(h, (d,), last.norm1.weight, last.norm1.bias, last.norm1.eps),
+                   last.attn.qkv.weight, last.attn.qkv.bias)
+    q, key, _ = qkv.reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+    logits = (q @ key.transpose(-2, -1)) * (d // 2) ** -0.5
+    index = logits[:, :, 0, 1:].mean(dim=1).topk(k).indices
+    assert torch.equal(low["topk_index"], index)
+    queries = torch.cat([torch.zeros_like(index[:, :1]), 1 + index], dim=1)
+    rows = torch.stack([logits[i][:, queries[i], 1:] for i in range(b)]).permute(0, 2, 1, 3)
+    torch.testing.assert_close(low["attention"], rows, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("k", "last_layers"), [(0, 2), (17, 2), (5, 0), (5, 4)])

@@ -55,13 +55,15 @@ def extract_features(encoder: nn.Module, batches: Iterable[dict[str, Any]], devi
     return Features(torch.cat(cls), torch.cat(mean), torch.cat(labels))
 
 
-def check_input_size(arch_option: str | None, recorded: ViTArch, checkpoint: str | Path) -> None:
+def check_input_size(arch_option: str | None, recorded: ViTArch, checkpoint: str | Path,
+                     input_size: int | None = None) -> None:
     """Refuse an --arch whose input size differs from the checkpoint's recorded architecture.
 
     The recorded architecture wins over --arch (models.base); a different input size, though, means the user
-    expects a different evaluation resolution, so it is an error rather than a warning.
+    expects a different evaluation resolution, so it is an error rather than a warning. An explicit
+    --input-size says which resolution is meant, so then there is nothing to refuse.
     """
-    if arch_option is None:
+    if arch_option is None or input_size is not None:
         return
     try:
         wanted = resolve_arch(arch_option)

@@ -50,6 +50,7 @@ class FinetuneConfig:
     test_shards: str
     out: str
     arch: str | None = None
+    input_size: int | None = None  # run the encoder at this size (pos_embed resampled); None: its own
     epochs: int = 50
     batch_size: int = 64
     accum: int = 1

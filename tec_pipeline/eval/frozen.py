@@ -24,6 +24,7 @@ class FrozenEvalConfig:
     test_shards: str
     json: str | None = None
     arch: str | None = None
+    input_size: int | None = None  # run the encoder at this size (pos_embed resampled); None: its own
     batch_size: int = 256
     limit_train: int | None = None
     limit_test: int | None = None
@@ -40,8 +41,8 @@ def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     require(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     require(cfg.k >= 1 and cfg.temperature > 0, f"--k must be >= 1 and --temperature > 0, got {cfg.k}, {cfg.temperature}")
-    encoder, info = load_encoder(cfg.checkpoint, cfg.arch)
-    check_input_size(cfg.arch, info.arch, cfg.checkpoint)
+    encoder, info = load_encoder(cfg.checkpoint, cfg.arch, arch_flag="--arch", input_size=cfg.input_size)
+    check_input_size(cfg.arch, info.arch, cfg.checkpoint, cfg.input_size)
     device, size = resolve_device("auto"), info.arch.img_size
     train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device)
     test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device)

@@ -10,11 +10,16 @@ Like timm's `checkpoint_filter_fn`, one function (`read_encoder_checkpoint`) kno
 | `teacher`       | {'teacher': ..., 'student': ...} (iBOT/DINO)  | the TEACHER, `module.`/`backbone.` stripped, heads dropped |
 | `student`       | {'student': ...} only                         | the student, with a warning                      |
 | `safetensors`   | file suffix `.safetensors`                    | as is; arch from metadata (see models/convert.py) |
+| `timm-hf`       | a folder with `model.safetensors` + `config.json` (timm's Hugging Face layout) | as is; arch from config.json |
+| `dinov2`        | flat, with DINOv2 torch.hub names (`mask_token`, `register_tokens`, `ls1.gamma`) | timm's own DINOv2 conversion |
 | `timm`          | a flat mapping of tensors                     | as is                                            |
 
-The architecture comes from the checkpoint where it records one, else from an explicit name. The mapped state
-dict is then checked strictly against the timm model: only allow-listed keys may be missing or extra, and every
-shape must match — a wrong file is refused with the offending keys, never silently half-loaded.
+The architecture comes from the checkpoint where it records one, else from an explicit name (a preset or any
+timm ViT name); `input_size` then sets the size the model runs at. Every state dict goes through timm's own
+`checkpoint_filter_fn` (DINOv2/CLIP key names, DeiT III `gamma_`, `pos_embed` resampled with
+`resample_abs_pos_embed` to the grid used), then is checked strictly against the timm model: only allow-listed
+keys may be missing or extra, and every shape must match — a wrong file is refused with the offending keys,
+never silently half-loaded. A patch size that differs from the file's is refused, not resampled.
 """
 
 from __future__ import annotations
@@ -38,7 +43,15 @@ from timm.models.vision_transformer import VisionTransformer
 from tec_pipeline.config import require
 from tec_pipeline.data.shards import file_sha256  # noqa: F401 - re-exported: checkpoints are hashed alike
 from tec_pipeline.errors import UserError
-from tec_pipeline.models.vit import ViTArch, build_vit, fold_mlp_cls_token, resolve_arch
+from tec_pipeline.models.vit import (
+    ViTArch,
+    arch_from_timm,
+    at_input_size,
+    build_vit,
+    fold_mlp_cls_token,
+    resolve_arch,
+    unsupported_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,9 @@ ALLOWED_UNEXPECTED = ("head.", "fc_norm.", "masked_embed", "mask_token", "decode
 # Harmless plain-data classes found in real iBOT/DINO/MAE checkpoints ('args'); nothing else is unpickled.
 SAFE_GLOBALS = [argparse.Namespace]
 _ENCODER_ARCH_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
+# timm config.json model_args that describe the head, not the encoder (the base model is built headless)
+_HF_HEAD_ARGS = ("num_classes", "global_pool", "in_chans")
 _MAX_LISTED = 4
 
 
@@ -103,14 +119,24 @@ def _arch_from_metadata(meta: Mapping[str, str], path: Path, arch_flag: str) -> 
         if "tec_arch" in meta:
             return ViTArch.from_dict(json.loads(meta["tec_arch"]))
         if "timm_name" in meta:
-            name, kwargs = meta["timm_name"], json.loads(meta.get("timm_kwargs", "{}"))
-            fields = {k: kwargs[k] for k in _ENCODER_ARCH_FIELDS if k in kwargs}
-            if len(fields) == len(_ENCODER_ARCH_FIELDS):
-                return ViTArch(name=name, timm_name=name, **fields)
-            return dataclasses.replace(resolve_arch(name), **fields)
+            return arch_from_timm(meta["timm_name"], **json.loads(meta.get("timm_kwargs", "{}")))
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"{path}: unreadable architecture metadata ({e}); pass {arch_flag} instead") from None
     return None
+
+
+def _arch_from_hf_config(path: Path) -> ViTArch:
+    """timm's Hugging Face layout: config.json names the timm `architecture` and its `model_args`."""
+    try:
+        config = json.loads((path / HF_CONFIG).read_text())
+        args = {k: v for k, v in config.get("model_args", {}).items() if k not in _HF_HEAD_ARGS}
+        if isinstance(args.get("img_size"), list):  # timm writes [H, W]; this project runs square inputs
+            height, width = args["img_size"]
+            require(height == width, f"{path}: non-square img_size {args['img_size']} is not supported")
+            args["img_size"] = height
+        return arch_from_timm(config["architecture"], **args)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path / HF_CONFIG}: not a usable timm config ({_first_line(e)})") from None
 
 
 def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,26 +176,90 @@ def _select_state_dict(obj: Any, path: Path) -> tuple[Mapping[str, Any], str, Vi
     if "student" in obj:
         log.warning("%s has a 'student' but no 'teacher' entry: loading the student as the base model", path)
         return obj["student"], "student", None
+    if "register_tokens" in obj or ("mask_token" in obj and any(k.endswith(".ls1.gamma") for k in obj)):
+        return obj, "dinov2", None
     return obj, "timm", None
 
 
-def _resolve_arch(recorded: ViTArch | None, arch: str | None, path: Path, arch_flag: str) -> ViTArch:
+def _read_raw(path: Path, arch_flag: str) -> tuple[Mapping[str, Any], str, ViTArch | None]:
+    """(raw state dict, format, recorded arch or None) of a file, an HF-layout folder or a safetensors file."""
+    if path.is_dir():
+        if not (path / HF_WEIGHTS).is_file() or not (path / HF_CONFIG).is_file():
+            raise UserError(f"{path} is a folder without {HF_WEIGHTS} and {HF_CONFIG} (timm's Hugging Face layout)")
+        raw, _ = _load_safetensors(path / HF_WEIGHTS)
+        return raw, "timm-hf", _arch_from_hf_config(path)
+    if not path.is_file():
+        raise UserError(f"no such checkpoint file: {path}")
+    if path.suffix == ".safetensors":
+        raw, meta = _load_safetensors(path)
+        return raw, "safetensors", _arch_from_metadata(meta, path, arch_flag)
+    return _select_state_dict(_load_torch(path), path)
+
+
+def _resolve_arch(recorded: ViTArch | None, arch: str | ViTArch | None, path: Path, arch_flag: str,
+                  input_size: int | None) -> ViTArch:
+    """The checkpoint's own record, else the explicit one; then run at `input_size` (None: as resolved)."""
     explicit = None
-    if arch is not None:
+    if isinstance(arch, ViTArch):
+        explicit = arch
+    elif arch is not None:
         try:
             explicit = resolve_arch(arch)
         except ValueError as e:
             raise UserError(str(e)) from None
-    if recorded is None:
-        if explicit is None:
-            raise UserError(f"{path} records no architecture: pass {arch_flag} (e.g. vit_base_patch16_224)")
-        return explicit
-    if explicit is not None:
+    if recorded is None and explicit is None:
+        raise UserError(f"{path} records no architecture: pass {arch_flag} (a preset or timm ViT name, e.g. "
+                        "vit_base_patch16_224 or vit_small_patch14_reg4_dinov2)")
+    if recorded is not None and explicit is not None:
         differs = [f for f in _ENCODER_ARCH_FIELDS if getattr(explicit, f) != getattr(recorded, f)]
         if differs:  # the checkpoint's own record wins (design §3.3); the explicit name is only a fallback
-            log.warning("ignoring %s %s: %s records %s (differs in %s)", arch_flag, arch, path, recorded.name,
-                        ", ".join(differs))
-    return recorded
+            log.warning("ignoring %s %s: %s records %s (differs in %s)", arch_flag, explicit.name, path,
+                        recorded.name, ", ".join(differs))
+    resolved = recorded or explicit
+    assert resolved is not None
+    try:
+        return at_input_size(resolved, input_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _weights_grid(state_dict: Mapping[str, Any], arch: ViTArch) -> int | None:
+    """Side of the patch grid the checkpoint's pos_embed was trained at (None: no square grid found).
+
+    Its rows are the grid plus the CLS row, the registers (DINOv2 hub files keep theirs out of pos_embed) or none.
+    """
+    pos = state_dict.get("pos_embed")
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 3:
+        return None
+    for prefix in dict.fromkeys((0 if arch.no_embed_class else arch.num_prefix_tokens, 1, 0)):
+        side = int(round((pos.shape[1] - prefix) ** 0.5))
+        if side > 0 and side * side == pos.shape[1] - prefix:
+            return side
+    return None
+
+
+def _timm_filtered(state_dict: dict[str, Any], arch: ViTArch, path: Path, arch_flag: str) -> dict[str, Any]:
+    """timm's `checkpoint_filter_fn` on a meta model of `arch`: foreign names mapped, pos_embed resampled.
+
+    A different patch size is refused first: timm would resample the patch kernel, which changes the model.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    weight = state_dict.get("patch_embed.proj.weight")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and tuple(weight.shape[-2:]) != (arch.patch_size,) * 2:
+        raise UserError(f"{path} has {weight.shape[-1]}-pixel patches, the architecture {arch.name} has "
+                        f"{arch.patch_size} (wrong file or wrong {arch_flag}?)")
+    with torch.device("meta"):
+        model = build_vit(arch)
+    pos = state_dict.get("pos_embed")
+    if isinstance(pos, torch.Tensor) and pos.shape != model.pos_embed.shape and _weights_grid(state_dict, arch) is None:
+        raise UserError(f"{path}: pos_embed {tuple(pos.shape)} is no square patch grid that timm could resample to "
+                        f"the model's {tuple(model.pos_embed.shape)} (wrong file or wrong {arch_flag}?)")
+    problems = unsupported_features(model)
+    if problems:
+        raise UserError(f"{arch.name} is not supported as a base model or encoder: {'; '.join(problems)}")
+    # timm's filter also resamples a pos_embed whose grid differs (bicubic, antialias: timm's defaults)
+    return checkpoint_filter_fn(dict(state_dict), model, adapt_layer_scale=True)
 
 
 def _listing(keys: list[str], shapes: Mapping[str, Any]) -> str:
@@ -209,13 +299,13 @@ def check_encoder_keys(state_dict: Mapping[str, Any], expected: Mapping[str, tor
 RANDOM_PREFIX = "random:"
 
 
-def random_encoder(spec: str) -> EncoderCheckpoint:
+def random_encoder(spec: str, input_size: int | None = None) -> EncoderCheckpoint:
     """`random:ARCH[@SEED]`: a randomly initialised encoder (timm init, seed 0 by default), the floor that
     every pretrained encoder should beat; its 'sha256' identifies the spec."""
     name, _, seed = spec.removeprefix(RANDOM_PREFIX).partition("@")
     require(seed == "" or seed.isdigit(), f"{spec}: the seed after @ must be an integer")
     try:
-        arch = resolve_arch(name)
+        arch = resolve_arch(name, input_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     with torch.random.fork_rng():  # a baseline must not disturb the caller's random stream
@@ -224,40 +314,47 @@ def random_encoder(spec: str) -> EncoderCheckpoint:
     return EncoderCheckpoint(state_dict, arch, "random", hashlib.sha256(spec.encode()).hexdigest(), spec)
 
 
-def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | None = None,
-                            arch_flag: str = "--base-arch") -> EncoderCheckpoint:
+def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | ViTArch | None = None,
+                            arch_flag: str = "--base-arch", input_size: int | None = None) -> EncoderCheckpoint:
     """Read any supported checkpoint format as a checked timm ViT encoder state dict (see module docstring).
 
-    arch: a preset or timm ViT name, used when the checkpoint records no architecture.
+    arch: a preset or timm ViT name (or a ViTArch), used when the checkpoint records no architecture.
     arch_flag: the command-line flag that sets `arch`, named in error messages.
+    input_size: the input size to run at (pos_embed resampled by timm); None: the architecture's own.
     """
     if str(path).startswith(RANDOM_PREFIX):
-        return random_encoder(str(path))
+        return random_encoder(str(path), input_size)
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such checkpoint file: {path}")
-    if path.suffix == ".safetensors":
-        raw, meta = _load_safetensors(path)
-        fmt, recorded = "safetensors", _arch_from_metadata(meta, path, arch_flag)
-    else:
-        raw, fmt, recorded = _select_state_dict(_load_torch(path), path)
+    raw, fmt, recorded = _read_raw(path, arch_flag)
     if not isinstance(raw, Mapping):
         raise UserError(f"{path}: the '{fmt}' entry is a {type(raw).__name__}, not a state dict")
-    resolved = _resolve_arch(recorded, arch, path, arch_flag)
+    resolved = _resolve_arch(recorded, arch, path, arch_flag, input_size)
+    raw = _strip_wrappers(raw)
+    resolved = dataclasses.replace(resolved, source_grid=_weights_grid(raw, resolved) or resolved.source_grid)
+    mapped = _timm_filtered(raw, resolved, path, arch_flag)
     with torch.device("meta"):  # names and shapes only; no memory, no init cost
         expected = build_vit(resolved).state_dict()
-    state_dict = check_encoder_keys(_strip_wrappers(raw), expected, path, arch_flag)
-    log.info("base model %s: format %s, arch %s", path, fmt, resolved.name)
-    return EncoderCheckpoint(state_dict, resolved, fmt, file_sha256(path), str(path))
+    state_dict = check_encoder_keys(mapped, expected, path, arch_flag)
+    grid = f", pos_embed resampled {resolved.source_grid}² -> {resolved.grid_size}²" if resolved.source_grid else ""
+    log.info("base model %s: format %s, arch %s at %d px%s", path, fmt, resolved.name, resolved.img_size, grid)
+    digest = sha256_of_folder(path) if path.is_dir() else file_sha256(path)
+    return EncoderCheckpoint(state_dict, resolved, fmt, digest, str(path))
 
 
-def load_encoder(path: str | os.PathLike[str], arch: str | None = None,
-                 arch_flag: str = "--base-arch") -> tuple[VisionTransformer, EncoderCheckpoint]:
+def sha256_of_folder(path: Path) -> str:
+    """Identity of an HF-layout folder: sha256 over its weights' and config's own hashes."""
+    parts = [f"{name}:{file_sha256(path / name)}" for name in (HF_WEIGHTS, HF_CONFIG)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_encoder(path: str | os.PathLike[str], arch: str | ViTArch | None = None,
+                 arch_flag: str = "--base-arch", input_size: int | None = None,
+                 ) -> tuple[VisionTransformer, EncoderCheckpoint]:
     """A frozen timm ViT (num_classes=0, eval(), requires_grad False) with the checkpoint's weights.
 
     Keys the checkpoint lacks (only allow-listed ones: the final norm) keep timm's initialisation.
     """
-    ckpt = read_encoder_checkpoint(path, arch, arch_flag)
+    ckpt = read_encoder_checkpoint(path, arch, arch_flag, input_size)
     with torch.random.fork_rng():  # loading a model must not shift the caller's random stream
         model = build_vit(ckpt.arch)
     result = model.load_state_dict(ckpt.state_dict, strict=False)

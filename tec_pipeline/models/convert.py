@@ -4,8 +4,11 @@ Unlike the reference `weight_convert.py` (tec-method.md §7), the final `norm` i
 its own architecture, so it loads strictly with nothing else known:
 
     meta = safe_open(path, "pt").metadata()
-    model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
-    model.load_state_dict(safetensors.torch.load_file(path))   # strict
+    model = timm.create_model(meta["timm_name"], num_classes=0, checkpoint_path=path, **json.loads(meta["timm_kwargs"]))
+
+`timm_name` + `timm_kwargs` describe the encoder itself: for a TEC student a plain ViT of the student's sizes
+(`vit.plain_arch`), never the base model's timm name; for a base model its own variant (layer scale,
+registers, ...).
 
 The MLP CLS token is folded into `cls_token` (exact: it acts on the learned token only), adaptors, decoders
 and mask tokens are dropped (both done by `read_encoder_checkpoint`).
@@ -54,17 +57,18 @@ def export_state_dict(ckpt: EncoderCheckpoint) -> dict[str, torch.Tensor]:
 
 
 def convert_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str],
-                       arch: str | None = None) -> Path:
+                       arch: str | None = None, input_size: int | None = None) -> Path:
     """Write `source` as timm ViT safetensors at `out` (atomically: temporary file, then os.replace).
 
     arch: a preset or timm ViT name, needed only when the source records no architecture.
+    input_size: export at this input size (pos_embed resampled by timm); None: the source's own.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
     require(out.suffix == ".safetensors", f"--out must be a .safetensors file, got {out}")
     require(not out.is_dir(), f"--out {out} is a directory; give a file name ending in .safetensors")
-    ckpt = read_encoder_checkpoint(source, arch, arch_flag="--arch")
+    ckpt = read_encoder_checkpoint(source, arch, arch_flag="--arch", input_size=input_size)
     state_dict = export_state_dict(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

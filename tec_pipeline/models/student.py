@@ -109,27 +109,31 @@ class _DecoderHead(nn.Module):
 
 
 class FeatureHead(_DecoderHead):
-    """Predicts the teacher features of every patch (spec §3.5): Linear(dec → D), CLS dropped."""
+    """Predicts the teacher features of every patch (spec §3.5): Linear(dec → pred_dim), CLS dropped.
 
-    def __init__(self, embed_dim: int, decoder_dim: int) -> None:
+    pred_dim is the base model's width D (spec §3.6b); the student's own width only feeds decoder_embed.
+    """
+
+    def __init__(self, embed_dim: int, decoder_dim: int, pred_dim: int | None = None) -> None:
         super().__init__(embed_dim, decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, embed_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, pred_dim or embed_dim)
 
     def forward(self, decoded: Tensor) -> Tensor:
-        """decoded [B, 1 + L, dec] -> pred_fea [B, L, D]."""
+        """decoded [B, 1 + L, dec] -> pred_fea [B, L, pred_dim]."""
         return self.decoder_pred(decoded)[:, 1:]
 
 
 class AttentionHead(_DecoderHead):
     """Predicts the teacher's attention-logit rows (spec §3.6) for the CLS query and the top-k patch queries."""
 
-    def __init__(self, embed_dim: int, decoder_dim: int, num_heads: int) -> None:
+    def __init__(self, embed_dim: int, decoder_dim: int, num_heads: int, pred_dim: int | None = None) -> None:
         super().__init__(embed_dim, decoder_dim)
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.decoder_qk = nn.Linear(decoder_dim, 2 * embed_dim)  # [q | k], heads contiguous (spec §13.4)
+        pred_dim = pred_dim or embed_dim  # the base model's D and H (spec §3.6b): aligned with the stored rows
+        if pred_dim % num_heads:
+            raise ValueError(f"pred_dim {pred_dim} is not divisible by num_heads {num_heads}")
+        self.decoder_qk = nn.Linear(decoder_dim, 2 * pred_dim)  # [q | k], heads contiguous (spec §13.4)
         self.num_heads = num_heads
-        self.scale = embed_dim**-0.5  # pred_dim^-0.5, not head_dim^-0.5 (spec §11.3)
+        self.scale = pred_dim**-0.5  # pred_dim^-0.5, not head_dim^-0.5 (spec §11.3)
 
     def forward(self, decoded: Tensor, topk_index: Tensor) -> Tensor:
         """decoded [B, 1 + L, dec], topk_index [B, k] patch indices -> pred_att [B, 1 + k, H, L].
@@ -154,11 +158,15 @@ class TECStudent(nn.Module):
     pred_att: add the attention head and loss; without it the head is not built (no unused parameters for
     DDP) and only the feature loss is trained. att_tau: target temperature of the attention loss.
     num_adap: encoder-adaptor chunks, default depth // 3.
+    decoder_depth: shared decoder blocks (default arch.decoder_depth); width, heads and MLP ratio come from
+    arch.decoder_*.
+    pred_dim, pred_heads: width and heads the heads predict at, the base model's D and H (spec §3.6b);
+    default the student's own, which is exactly the reference model.
     """
 
     def __init__(self, arch: ViTArch, k: int = 15, mask_ratio: float = 0.75, mlp_token: bool = True,
-                 pred_att: bool = True, att_tau: float = 1.8, decoder_depth: int = 2,
-                 num_adap: int | None = None) -> None:
+                 pred_att: bool = True, att_tau: float = 1.8, decoder_depth: int | None = None,
+                 num_adap: int | None = None, pred_dim: int | None = None, pred_heads: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -181,13 +189,15 @@ class TECStudent(nn.Module):
         self.encoder_adaptor = FeatureAdaptor(dim, arch.depth, num_adap or arch.depth // 3, 4 * dec)
 
         # decoders: shared trunk and pos-embed, own embed / mask token / norm per head
+        self.pred_dim, self.pred_heads = pred_dim or dim, pred_heads or arch.num_heads
         self.decoder_blocks = nn.ModuleList(
-            [Block(dec, arch.decoder_num_heads, 4.0, qkv_bias=True, norm_layer=_norm) for _ in range(decoder_depth)]
+            [Block(dec, arch.decoder_num_heads, arch.decoder_mlp_ratio, qkv_bias=True, norm_layer=_norm)
+             for _ in range(arch.decoder_depth if decoder_depth is None else decoder_depth)]
         )
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(dec, arch.grid_size), requires_grad=False)
-        self.forward_fea_decoder = FeatureHead(dim, dec)
+        self.forward_fea_decoder = FeatureHead(dim, dec, self.pred_dim)
         if pred_att:
-            self.forward_att_decoder = AttentionHead(dim, dec, arch.num_heads)
+            self.forward_att_decoder = AttentionHead(dim, dec, self.pred_heads, self.pred_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -224,7 +234,7 @@ class TECStudent(nn.Module):
         """Predictions for one masked view.
 
         x [B, 3, S, S]; topk_index [B, k] teacher patch indices (required with pred_att); noise [B, L].
-        Returns pred_fea [B, L, D], pred_att [B, 1 + k, H, L] (with pred_att), mask [B, L], ids_restore [B, L].
+        Returns pred_fea [B, L, pred_dim], pred_att [B, 1 + k, pred_heads, L] (with pred_att), mask [B, L], ids_restore [B, L].
         """
         collected, mask, ids_restore = self.forward_encoder(x, noise)
         latent = self.encoder_adaptor(collected)

@@ -1,15 +1,19 @@
 """Enhanced targets of a frozen base model (tec-method.md §2): features, attention-logit rows, top-k indices.
 
-For views x [B,3,S,S] and a timm VisionTransformer with L patches, width D, H heads:
-- features [B,L,D]: mean of the last `last_layers` block outputs, CLS dropped, pre-norm residual stream (the
-  final norm is never applied);
+For views x [B,3,S,S] and a timm VisionTransformer with L patches, width D, H heads, and P prefix tokens before
+the patches (the CLS token, then any registers):
+- features [B,L,D]: mean of the last `last_layers` block outputs over the patch tokens only (CLS and registers
+  dropped), pre-norm residual stream (the final norm is never applied);
 - attention [B,1+k,H,L]: the last block's pre-softmax logits q·kᵀ·head_dim^-0.5 for the CLS query row, then the
-  k patch-query rows at token positions 1+topk_index, CLS key column dropped;
-- topk_index [B,k] int64 patch indices 0..L-1, by descending head-mean CLS→patch logit.
+  k patch-query rows at the patch positions topk_index, over the patch keys only (CLS and register keys
+  dropped); always computed in fp32, whatever the autocast;
+- topk_index [B,k] int64 patch indices 0..L-1, by descending head-mean CLS→patch logit (fp32).
 
-`compute_targets` runs every block with fused attention and forms only the 1+k needed logit rows of the last
-block, reusing that block's qkv for its output. `full_attention_targets` is the naive reference (the whole
-[B,H,N,N] logits, as the TEC reference code computes them), kept for tests and the benchmark.
+No block code is copied: timm runs the model (`forward_intermediates` returns the last blocks' patch tokens),
+a forward pre-hook takes the last block's input, and q and k come from that block's own modules (norm1, the
+k and q slices of attn.qkv, attn.q_norm / attn.k_norm), so every timm block variant is handled by timm.
+`compute_targets` forms only the 1+k needed logit rows (keys for all tokens, queries for the 1+k rows);
+`full_attention_targets` is the naive reference (the whole [B,H,N,N] logits, as the TEC reference code).
 """
 
 from __future__ import annotations
@@ -19,11 +23,10 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from tec_pipeline.config import require
-from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch
+from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch, unsupported_features
 
 Tensor = torch.Tensor
 
@@ -49,100 +52,85 @@ def normalize_features(features: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def _validate(model: VisionTransformer, k: int, last_layers: int) -> None:
-    require(model.cls_token is not None and model.reg_token is None and not model.no_embed_class,
-            "the base model must be a plain ViT with a CLS token, no register tokens, pos_embed incl. CLS")
+    problems = unsupported_features(model)
+    require(not problems, "the base model is not supported: " + "; ".join(problems))
     depth, num_patches = len(model.blocks), model.patch_embed.num_patches
     require(1 <= k <= num_patches, f"k (--topk) must be in 1..{num_patches} (the number of patches), got {k}")
     require(1 <= last_layers <= depth, f"--last-layers must be in 1..{depth} (the depth), got {last_layers}")
-    last = model.blocks[-1]
-    if not (isinstance(last, Block) and isinstance(last.attn, Attention)):
-        raise TypeError(f"the last block must be a timm Block with Attention, got {type(last).__name__}")
 
 
-def _embed(model: VisionTransformer, x: Tensor) -> Tensor:
-    """x [B,3,S,S] → tokens [B,1+L,D]: patch_embed, prepend CLS, add the whole pos_embed (CLS row included)."""
-    patches = model.patch_embed(x)
-    cls = model.cls_token.expand(patches.shape[0], -1, -1)
-    return model.norm_pre(torch.cat([cls, patches], dim=1) + model.pos_embed)
+def _heads(attn: Attention, x: Tensor, which: int) -> Tensor:
+    """x [B,n,D] (normed) → q (which=0) or k (which=1) [B,H,n,head_dim] in fp32, with the block's q/k norm.
 
-
-def _qkv(block: Block, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """normed [B,N,D] (= block.norm1(h)) → q, k, v [B,H,N,head_dim]; qkv laid out [q|k|v], heads contiguous."""
-    attn = block.attn
-    b, n, _ = normed.shape
-    qkv = attn.qkv(normed).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def _finish_block(block: Block, h: Tensor, normed: Tensor, heads_out: Tensor) -> Tensor:
-    """The rest of timm's Block.forward, given the attention output heads_out [B,H,N,head_dim] → [B,N,D]."""
-    attn = block.attn
-    b, _, n, _ = heads_out.shape
-    y = attn.norm(heads_out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
-    gate = getattr(attn, "gate", None)  # only in newer timm (gated attention); None for a plain ViT
-    if gate is not None:
-        y = y * gate(normed).sigmoid()
-    h = h + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(y))))
-    return h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+    Only that third of attn.qkv is applied: qkv is laid out [q | k | v], heads contiguous (spec §13.4).
+    """
+    width = attn.num_heads * attn.head_dim
+    weight = attn.qkv.weight[which * width:(which + 1) * width].float()
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[which * width:(which + 1) * width].float()
+    b, n, _ = x.shape
+    out = torch.nn.functional.linear(x, weight, bias).reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return (attn.q_norm if which == 0 else attn.k_norm)(out)
 
 
 def _rank(cls_row: Tensor, k: int) -> Tensor:
-    """cls_row [B,H,N] pre-softmax CLS-query logits → topk_index [B,k] by head-mean over patch keys, descending."""
-    return cls_row[:, :, 1:].mean(dim=1).topk(k, dim=-1, largest=True, sorted=True).indices
+    """cls_row [B,H,L] CLS-query logits over patch keys → topk_index [B,k] by head-mean, descending."""
+    return cls_row.mean(dim=1).topk(k, dim=-1, largest=True, sorted=True).indices
 
 
-def last_block_row_sparse(block: Block, h: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Last block, fused attention, only the 1+k needed logit rows. h [B,N,D] → (output [B,N,D],
-    attention [B,1+k,H,L], topk_index [B,k])."""
-    normed = block.norm1(h)
-    q, key, v = _qkv(block, normed)
-    out = _finish_block(block, h, normed, F.scaled_dot_product_attention(q, key, v))
-    scale = block.attn.head_dim**-0.5
-    cls_row = (q[:, :, :1] @ key.transpose(-2, -1)) * scale  # [B,H,1,N]
-    index = _rank(cls_row[:, :, 0], k)
-    rows = q.gather(2, (1 + index)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))  # [B,H,k,hd]
-    patch_rows = (rows @ key.transpose(-2, -1)) * scale  # [B,H,k,N]
-    attention = torch.cat([cls_row, patch_rows], dim=2)[..., 1:]  # CLS key column dropped
-    return out, attention.permute(0, 2, 1, 3).contiguous(), index
+def last_block_row_sparse(block: Block, h: Tensor, k: int, prefix: int = 1) -> tuple[Tensor, Tensor]:
+    """Attention targets of the last block from its input h [B,N,D] (N = prefix + L), only the 1+k needed rows.
+
+    Returns (attention [B,1+k,H,L] fp32, topk_index [B,k]). Runs in fp32 with autocast off: the ranking and the
+    logits must not depend on the autocast dtype.
+    """
+    with torch.autocast(h.device.type, enabled=False):
+        normed = block.norm1(h.float())
+        keys = _heads(block.attn, normed, 1)[:, :, prefix:]  # patch keys only [B,H,L,hd]
+        scale = block.attn.head_dim**-0.5
+        cls_row = (_heads(block.attn, normed[:, :1], 0) @ keys.transpose(-2, -1)) * scale  # [B,H,1,L]
+        index = _rank(cls_row[:, :, 0], k)
+        rows = normed.gather(1, (prefix + index)[..., None].expand(-1, -1, normed.shape[-1]))  # [B,k,D]
+        patch_rows = (_heads(block.attn, rows, 0) @ keys.transpose(-2, -1)) * scale  # [B,H,k,L]
+        attention = torch.cat([cls_row, patch_rows], dim=2)
+    return attention.permute(0, 2, 1, 3).contiguous(), index
 
 
-def last_block_full(block: Block, h: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Naive reference of `last_block_row_sparse`: materialises the full [B,H,N,N] logits and softmax."""
-    normed = block.norm1(h)
-    q, key, v = _qkv(block, normed)
-    logits = (q @ key.transpose(-2, -1)) * block.attn.head_dim**-0.5  # [B,H,N,N]
-    out = _finish_block(block, h, normed, logits.softmax(dim=-1) @ v)
-    index = _rank(logits[:, :, 0], k)
+def last_block_full(block: Block, h: Tensor, k: int, prefix: int = 1) -> tuple[Tensor, Tensor]:
+    """Naive reference of `last_block_row_sparse`: materialises the full [B,H,N,N] logits."""
+    with torch.autocast(h.device.type, enabled=False):
+        normed = block.norm1(h.float())
+        logits = (_heads(block.attn, normed, 0) @ _heads(block.attn, normed, 1).transpose(-2, -1))
+        logits = logits * block.attn.head_dim**-0.5  # [B,H,N,N]
+    index = _rank(logits[:, :, 0, prefix:], k)
     b, heads, n, _ = logits.shape
-    queries = torch.cat([torch.zeros_like(index[:, :1]), 1 + index], dim=1)  # token positions [B,1+k]
-    rows = logits.gather(2, queries[:, None, :, None].expand(b, heads, -1, n))[..., 1:]
-    return out, rows.permute(0, 2, 1, 3).contiguous(), index
+    queries = torch.cat([torch.zeros_like(index[:, :1]), prefix + index], dim=1)  # token positions [B,1+k]
+    rows = logits.gather(2, queries[:, None, :, None].expand(b, heads, -1, n))[..., prefix:]
+    return rows.permute(0, 2, 1, 3).contiguous(), index
 
 
-LastBlock = Callable[[Block, Tensor, int], tuple[Tensor, Tensor, Tensor]]
+LastBlock = Callable[[Block, Tensor, int, int], tuple[Tensor, Tensor]]
 
 
 def _targets(model: VisionTransformer, x: Tensor, k: int, last_layers: int, last_block: LastBlock) -> dict[str, Tensor]:
+    """timm's forward_intermediates for the features; a pre-hook hands the last block's input to `last_block`."""
     _validate(model, k, last_layers)
-    h = _embed(model, x)
-    depth = len(model.blocks)
-    kept = []
-    for i, block in enumerate(model.blocks[:-1]):
-        h = block(h)
-        if i >= depth - last_layers:
-            kept.append(h[:, 1:])
-    h, attention, index = last_block(model.blocks[-1], h, k)
-    kept.append(h[:, 1:])
+    captured: list[Tensor] = []
+    hook = model.blocks[-1].register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        kept = model.forward_intermediates(x, indices=last_layers, norm=False, output_fmt="NLC",
+                                           intermediates_only=True)  # last_layers x [B,L,D], patches only
+    finally:
+        hook.remove()
+    attention, index = last_block(model.blocks[-1], captured[0], k, model.num_prefix_tokens)
     return {"features": torch.stack(kept).sum(dim=0) / last_layers, "attention": attention, "topk_index": index}
 
 
 @torch.no_grad()
 def compute_targets(model: VisionTransformer, x: Tensor, k: int, last_layers: int = 2) -> dict[str, Tensor]:
-    """Targets for views x [B,3,S,S]: {'features' [B,L,D], 'attention' [B,1+k,H,L], 'topk_index' [B,k] int64}.
+    """Targets for views x [B,3,S,S]: {'features' [B,L,D], 'attention' [B,1+k,H,L] fp32, 'topk_index' [B,k] int64}.
 
-    Under autocast the residual stream (features) stays fp32 (the fp32 pos_embed promotes it) and the attention
-    logits come out in the autocast dtype, as in the reference. Raises UserError for k or last_layers out of range.
+    Under autocast the residual stream (features) stays fp32 (the fp32 pos_embed promotes it); the attention
+    rows and the ranking are fp32 whatever the autocast. Raises UserError for k or last_layers out of range.
     """
     return _targets(model, x, k, last_layers, last_block_row_sparse)
 

@@ -53,13 +53,13 @@ def _worker_resources(cfg: CacheConfig) -> tuple[Any, ...]:
     from tec_pipeline.store.claims import ClaimBook, local_root
     from tec_pipeline.store.layout import TargetStore
 
-    key = (cfg.base_model, cfg.base_arch, cfg.shards, cfg.out, cfg.device)
+    key = (cfg.base_model, cfg.base_arch, cfg.input_size, cfg.shards, cfg.out, cfg.device)
     with _WORKER_LOCK:  # a worker with several threads loads the model once
         if key not in _WORKER_STATE:
             device = resolve_device(cfg.device)
             if device.type == "cpu":
                 torch.set_num_threads(1)  # one task per worker thread; processes give the parallelism
-            model, _ = load_encoder(cfg.base_model, cfg.base_arch)
+            model, _ = load_encoder(cfg.base_model, cfg.base_arch, input_size=cfg.input_size)
             store = TargetStore.open(cfg.out, mode="r+")
             _WORKER_STATE[key] = (model.to(device), device, load_manifest(cfg.shards), store,
                                   ClaimBook(local_root(cfg.out)))

@@ -18,6 +18,7 @@ class CacheConfig:
     base_model: str
     out: str
     base_arch: str | None = None
+    input_size: int | None = None  # the base model's input size (pos_embed resampled); None: its own
     views: int = 2
     topk: int = 15
     last_layers: int = 2

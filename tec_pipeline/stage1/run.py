@@ -86,7 +86,7 @@ def cache_targets(cfg: CacheConfig, progress: bool = False,
     validate_config(cfg)
     ranks = ranks_from_env()
     manifest = load_manifest(cfg.shards)
-    model, ckpt = encoder or load_encoder(cfg.base_model, cfg.base_arch)
+    model, ckpt = encoder or load_encoder(cfg.base_model, cfg.base_arch, input_size=cfg.input_size)
     rows = manifest.total_rows if cfg.limit is None else min(cfg.limit, manifest.total_rows)
     store_spec(cfg, ckpt, rows)  # the --topk / --last-layers checks, before any connection or write
     with ExitStack() as stack, coordination(ranks):

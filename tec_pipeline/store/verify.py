@@ -23,6 +23,7 @@ from tec_pipeline.data.views import ViewBox, normalize, replay_view_uint8
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
+from tec_pipeline.models.vit import ViTArch
 from tec_pipeline.store.layout import TargetStore
 
 # absolute + relative, per recorded autocast: fp32 float noise of another batch split, thread count or device;
@@ -61,7 +62,9 @@ def load_base_model(attrs: dict[str, Any], base_model: str | None, base_arch: st
     if "://" not in path and not path.startswith("random:") and not Path(path).is_file():
         raise UserError(f"the store's base model {path} is not there (the recorded path is only a hint); pass "
                         "--base-model CHECKPOINT")
-    model, ckpt = load_encoder(path, base_arch or attrs["base_model"]["arch"]["name"])
+    # the recorded architecture (at the recorded input size) rebuilds exactly the model that made the store
+    recorded = base_arch or ViTArch.from_dict(attrs["base_model"]["arch"])
+    model, ckpt = load_encoder(path, recorded, input_size=attrs["base_model"]["input_size"])
     sha = attrs["base_model"]["sha256"]
     if ckpt.sha256 != sha:
         raise UserError(f"{path} is not the store's base model (its sha256 {ckpt.sha256[:12]} differs from the "

@@ -10,7 +10,7 @@ from typing import Any
 from tec_pipeline.config import require
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.mae import MAEConfig, MaskedAutoencoder, checkpoint_extra, mae_step
-from tec_pipeline.models.vit import ViTArch, resolve_arch
+from tec_pipeline.models.vit import ViTArch, plain_arch, resolve_arch
 from tec_pipeline.train.checkpoint import seed_all
 from tec_pipeline.train.loop import LoopConfig, TrainResult, run_training
 
@@ -43,8 +43,9 @@ class MAEPretrainConfig:
 
 
 def arch_of(name: str) -> ViTArch:
+    """The MAE encoder for --model: a plain ViT of that preset's or timm model's sizes (MAE's blocks are plain)."""
     try:
-        return resolve_arch(name)
+        return plain_arch(resolve_arch(name))
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -8,6 +8,7 @@ two modes see identical pixels and targets.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
 from tec_pipeline.models.targets import stored_targets
-from tec_pipeline.models.vit import ViTArch, resolve_arch
+from tec_pipeline.models.vit import ViTArch, at_input_size, plain_arch, resolve_arch
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train import distributed as tdist
 from tec_pipeline.train.loop import LoopConfig, TrainResult, run_training
@@ -40,7 +41,12 @@ class PretrainConfig:
     targets: str | None = None
     base_model: str | None = None
     base_arch: str | None = None
-    model: str | None = None  # student architecture; default: the base model's
+    model: str | None = None  # student architecture (preset or timm ViT name); default: the base model's sizes
+    input_size: int | None = None  # the student's input size (online mode: the base model's too)
+    decoder_depth: int | None = None  # TEC decoder: default the architecture's (2 blocks, width 512 for ViT-B)
+    decoder_dim: int | None = None
+    decoder_heads: int | None = None
+    decoder_mlp_ratio: float | None = None
     epochs: int = 10
     batch_size: int = 64
     accum: int = 1
@@ -74,11 +80,13 @@ def store_mismatches(store: TargetStore, manifest: Manifest, arch: ViTArch, k: i
     if attrs["data"]["fingerprint"] != manifest.fingerprint:
         reasons.append(f"it was made from other shards (fingerprint {attrs['data']['fingerprint'][:12]} vs "
                        f"{manifest.fingerprint[:12]} of --shards)")
-    checks = [("input size", attrs["base_model"]["input_size"], arch.img_size),
-              ("patch count", spec.patches, arch.num_patches), ("embed dim", spec.dim, arch.embed_dim),
-              ("heads", spec.heads, arch.num_heads)]
-    reasons += [f"its {what} is {have}, the student {arch.name} needs {need}" for what, have, need in checks
-                if have != need]
+    # Any width, depth and heads: the decoder heads predict at the store's D and H (spec §3.6b). Only the patch
+    # grid must agree; the student replays the stored boxes at its own input size.
+    if spec.patches != arch.num_patches:
+        side = round(spec.patches**0.5)
+        reasons.append(f"its patch grid is {side}x{side} ({attrs['base_model']['input_size']} px), the student "
+                       f"{arch.name} has {arch.grid_size}x{arch.grid_size} at {arch.img_size} px (pass "
+                       f"--input-size {side * arch.patch_size} or another --model)")
     if replay := replay_mismatch(attrs["views"]):  # stage 2 replays the stored boxes: same pixels or refuse
         reasons.append(replay)
     if k > spec.k:
@@ -121,12 +129,23 @@ class _Step:
 
 
 def _student_arch(cfg: PretrainConfig, base_arch: ViTArch) -> ViTArch:
-    if not cfg.model:
-        return base_arch
+    """The student: a plain ViT sized as --model (default: the base model) at --input-size, with the decoder
+    flags applied. Raises UserError for an unknown or unsupported --model and an impossible decoder."""
     try:
-        return resolve_arch(cfg.model)
+        arch = at_input_size(resolve_arch(cfg.model) if cfg.model else base_arch, cfg.input_size)
     except ValueError as e:  # an unknown --model is bad input, not a crash
         raise UserError(str(e)) from None
+    decoder = {"decoder_depth": cfg.decoder_depth, "decoder_embed_dim": cfg.decoder_dim,
+               "decoder_num_heads": cfg.decoder_heads, "decoder_mlp_ratio": cfg.decoder_mlp_ratio}
+    arch = dataclasses.replace(plain_arch(arch), **{k: v for k, v in decoder.items() if v is not None})
+    require(arch.decoder_depth >= 1 and arch.decoder_mlp_ratio > 0, "--decoder-depth must be >= 1 and "
+            "--decoder-mlp-ratio > 0")
+    require(arch.decoder_embed_dim % 4 == 0 and arch.decoder_embed_dim % arch.decoder_num_heads == 0,
+            f"--decoder-dim {arch.decoder_embed_dim} must be a multiple of 4 (sin-cos embedding) and of "
+            f"--decoder-heads {arch.decoder_num_heads}")
+    require(arch.embed_dim % 4 == 0, f"the student's width {arch.embed_dim} must be a multiple of 4 (sin-cos "
+            "pos_embed)")
+    return arch
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
@@ -138,24 +157,26 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if cfg.targets is not None:
         store = TargetStore.open(cfg.targets)
         arch = _student_arch(cfg, ViTArch.from_dict(store.attrs["base_model"]["arch"]))
-        k = cfg.topk or store.spec.k
+        k, pred = cfg.topk or store.spec.k, (store.spec.dim, store.spec.heads)
         reasons = store_mismatches(store, manifest, arch, k, cfg.allow_partial)
         require(not reasons, f"cannot train from {cfg.targets}: " + "; ".join(reasons))
         rows, last_layers, views = store.spec.rows, store.attrs["targets"]["last_layers"], store.spec.views
         require(cfg.views is None or 1 <= cfg.views <= views, f"--views must be in 1..{views} (the store's V)")
         views = cfg.views or views
     else:
-        base, ckpt = load_encoder(cfg.base_model, cfg.base_arch)
+        base, ckpt = load_encoder(cfg.base_model, cfg.base_arch, input_size=cfg.input_size)
         arch, k = _student_arch(cfg, ckpt.arch), cfg.topk or 15
-        require(arch.embed_dim == ckpt.arch.embed_dim and arch.num_heads == ckpt.arch.num_heads
-                and arch.img_size == ckpt.arch.img_size, f"student {arch.name} and base model {ckpt.arch.name} "
-                "differ in width, heads or input size (TEC predicts the base model's targets at its width)")
+        pred = (ckpt.arch.embed_dim, ckpt.arch.num_heads)
+        require(arch.img_size == ckpt.arch.img_size, f"online mode feeds one image to both models: the student "
+                f"{arch.name} runs at {arch.img_size} px, the base model at {ckpt.arch.img_size} px (set --input-size)")
+        require(arch.num_patches == ckpt.arch.num_patches, f"the student {arch.name} has {arch.num_patches} "
+                f"patches, the base model {ckpt.arch.num_patches}: the patch grids must agree")
         require(k <= arch.num_patches, f"--topk {k} exceeds the {arch.num_patches} patches")
         rows, last_layers, views = manifest.total_rows, cfg.last_layers, None
     rows = rows if cfg.limit is None else min(rows, cfg.limit)
     torch.manual_seed(cfg.seed)  # the student's initialisation is part of the run's identity (exact resume)
     model = TECStudent(arch, k=k, mask_ratio=cfg.mask_ratio, mlp_token=cfg.mlp_token, pred_att=cfg.pred_att,
-                       att_tau=cfg.att_tau)
+                       att_tau=cfg.att_tau, pred_dim=pred[0], pred_heads=pred[1])
     steps = steps_per_epoch(cfg.shards, cfg.batch_size, world, cfg.workers, rows, manifest)
 
     def batches(epoch: int, start_batch: int) -> Any:
@@ -171,7 +192,8 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
                       min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay,
                       save_every=cfg.save_every, seed=cfg.seed, resume=cfg.resume, device=cfg.device,
                       deterministic=cfg.deterministic, loader_workers=cfg.workers)
-    extra = {"arch": arch.to_dict(), "kind": "tec", "mode": "cached" if store is not None else "online"}
+    extra = {"arch": arch.to_dict(), "kind": "tec", "mode": "cached" if store is not None else "online",
+             "prediction": {"dim": pred[0], "heads": pred[1]}}
     log.info("TEC %s pretraining of %s: %d rows, k=%d, %d micro-batches/epoch on rank %d of %d",
              extra["mode"], arch.name, rows, k, steps, rank, world)
     step = _Step(cfg.masks_per_view, base, k, last_layers)
