@@ -29,6 +29,10 @@ from tec_pipeline.config import require
 from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch, unsupported_features
 
 Tensor = torch.Tensor
+# What computes the targets, recorded in every store (a resume across implementations would mix two kinds of
+# rows): version 2 takes block outputs from timm's forward_intermediates and the 1+k attention rows and the
+# top-k ranking in fp32 whatever the autocast; version 1 (before) computed the rows in the autocast dtype.
+TARGETS_IMPLEMENTATION = {"name": "timm forward_intermediates; last-block q/k rows in fp32", "version": 2}
 
 
 def target_shapes(arch: ViTArch, k: int) -> dict[str, tuple[int, ...]]:

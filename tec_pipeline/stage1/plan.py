@@ -18,6 +18,7 @@ from tec_pipeline.data.shards import Manifest
 from tec_pipeline.data.views import view_constants
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import EncoderCheckpoint
+from tec_pipeline.models.targets import TARGETS_IMPLEMENTATION
 from tec_pipeline.stage1.config import CacheConfig
 from tec_pipeline.store.layout import StoreSpec, Task
 
@@ -48,7 +49,7 @@ def store_attributes(cfg: CacheConfig, manifest: Manifest, ckpt: EncoderCheckpoi
                        "arch": arch.to_dict(), "embed_dim": arch.embed_dim, "depth": arch.depth,
                        "num_heads": arch.num_heads, "patch_size": arch.patch_size, "input_size": arch.img_size},
         "targets": {"last_layers": cfg.last_layers, "k": cfg.topk, "feature_normalisation": FEATURE_NORMALISATION,
-                    "codec": cfg.codec, "precision": precision},
+                    "codec": cfg.codec, "precision": precision, "implementation": TARGETS_IMPLEMENTATION},
         "views": {"count": cfg.views, **view_constants(arch.img_size, cfg.seed)},
         "data": {"fingerprint": manifest.fingerprint, "rows": rows, "split": manifest.split,
                  "source": manifest.source, "limit": cfg.limit},
