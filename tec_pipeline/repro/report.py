@@ -36,9 +36,13 @@ ARMS = (
     Arm("base", "MAE base, E1 epochs", "mae", ("base",)),
     Arm("tec-cached", "TEC from the cache, E2 epochs", "tec-cached", ("cache", "tec-cached")),
     Arm("tec-online", "TEC online, E2 epochs", "tec-online", ("tec-online",)),
-    Arm("mae-control", "MAE continued to E1+E2 epochs", "mae-control", ("mae-control",)),
+    Arm("mae-control", "MAE base + E2 more MAE epochs", "mae-control", ("mae-control",)),
 )
 METHODS = ("linprobe", "knn")
+# what the control arm is (reproduce.mk: `mae-pretrain --init-from base.pth --init-optimizer --epochs E2`)
+CONTROL = ("Control: {e2} more MAE epochs started from the base model's final weights and optimizer state, as a "
+           "new run with its own schedule (1 warm-up epoch, cosine over {e2} epochs), so it trains as many epochs "
+           "as each TEC student; it is not one uninterrupted {e1}+{e2}-epoch MAE schedule.")
 
 
 def _seconds(root: Path, names: tuple[str, ...]) -> float | None:
@@ -187,7 +191,7 @@ def write_report(root: str | Path, views: int, e1: int, e2: int) -> Path:
     lines = [
         "# TEC reproduction on Fashion-MNIST", "",
         f"{r['n_train']:,} training images; MAE base E1 = {e1} epochs; TEC students E2 = {e2} epochs from "
-        f"V = {views} cached views (cached) or fresh views (online); control: MAE continued to {e1 + e2} epochs. "
+        f"V = {views} cached views (cached) or fresh views (online). {CONTROL.format(e1=e1, e2=e2)} "
         "Accuracies are top-1 (%) on the test split, frozen encoders (exported timm weights), best of CLS and "
         "mean pooling. Wall times are this machine's.", "",
         *results_table(r), "",
