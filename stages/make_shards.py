@@ -38,4 +38,5 @@ def index_command(directory: str, class_names: str | None) -> None:
     """Write manifest.json for existing WebDataset shards in DIRECTORY (*.tar in name order)."""
     manifest = index_shards(directory, class_names.split(",") if class_names else None)
     path = write_manifest(Path(directory), manifest)
-    click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards -> {path}")
+    skipped = f", {len(manifest.skipped)} tar samples without an image skipped" if manifest.skipped else ""
+    click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards{skipped} -> {path}")

@@ -178,3 +178,48 @@ def test_a_damaged_chunk_met_in_training_names_the_chunk_and_the_repair(
     assert f"target store {damaged}: the chunk of view 0 rows 64-128 does not decode" in proc.stderr, proc.stderr
     assert f"tec verify {damaged}" in proc.stderr and "--repair" in proc.stderr
     assert not (run / "checkpoint.pth").exists()
+
+
+def test_index_shards_names_and_counts_tar_samples_without_an_image(tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from tec_pipeline.data.shards import iter_samples
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png, "PNG")
+    members = [("a.png", png.getvalue()), ("a.cls", b"1"), ("b.txt", b"a caption, no image"), ("b.cls", b"0"),
+               ("c.png", png.getvalue()), ("c.cls", b"2")]
+    with tarfile.open(tmp_path / "data-000000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    proc = tec_in_process(capfd, "index-shards", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 samples, 1 shards, 1 tar samples without an image skipped ->" in proc.stdout, proc.stdout
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["total_rows"] == 2 and manifest["skipped_samples"] == 1
+    assert manifest["skipped"] == ["data-000000.tar:b (b.txt, b.cls)"]
+    samples = list(iter_samples(tmp_path))  # no silent invalid row: the rows are the two images
+    assert [(s.row, s.key, s.label, s.image is not None) for s in samples] == [(0, "a", 1, True), (1, "c", 2, True)]
+
+
+def test_off_a_terminal_every_epoch_logs_one_line(fmnist_shards: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+
+    import cli
+
+    with caplog.at_level(logging.INFO, logger="tec_pipeline.train.metrics"):  # pytest's stderr is no terminal
+        cli.main(["mae-pretrain", "--shards", str(fmnist_shards), "--out", str(tmp_path / "run"), "--model",
+                  "tec_pico_p4_16", "--epochs", "2", "--batch-size", "32", "--limit", "64", "--decoder-depth", "1"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "tec_pipeline.train.metrics"]
+    pattern = r"epoch {}/2: step {}/4, loss \d+\.\d{{4}}, \d+ img/s, elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d"
+    assert len(lines) == 2 and all(re.fullmatch(pattern.format(e, 2 * e), line) for e, line in zip((1, 2), lines,
+                                                                                                     strict=True)), lines
