@@ -8,7 +8,7 @@ from stages.common import show_progress
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.outputs import require_writable, write_errors
 from tec_pipeline.store.cache import CacheConfig, cache_targets
-from tec_pipeline.store.integrity import reset_damaged_tasks
+from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
 
 
 @click.command("cache-targets")
@@ -34,7 +34,9 @@ def command(repair: bool, **options: object) -> None:
     """Compute the base model's enhanced targets once and write them (with each view's box) to a store."""
     cfg = from_options(CacheConfig, options)
     require_writable(cfg.out)
-    if repair:
+    if not repair:
+        require_readable_flags(cfg.out)
+    else:
         damaged = reset_damaged_tasks(cfg.out)
         named = ", ".join(f"view {t.view} task {t.index}" for t in damaged[:20]) + (", ..." if len(damaged) > 20 else "")
         click.echo(f"repair: {len(damaged)} damaged task(s) to recompute" + (f": {named}" if damaged else ""))

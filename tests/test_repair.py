@@ -13,7 +13,7 @@ import zarr
 from tec_pipeline.store.cache import CacheConfig, cache_targets
 from tec_pipeline.store.integrity import damaged_tasks
 from tec_pipeline.store.layout import TargetStore
-from tests.conftest import needs_fashion_mnist, tec_in_process
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
 CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
@@ -55,6 +55,14 @@ def test_repair_recomputes_exactly_the_damaged_tasks(reference_store: Path, fmni
     before = _files(store)
     argv = ["cache-targets", "--shards", str(fmnist_shards), "--base-model", str(pico_base), "--out", str(store),
             *[x for key, value in CACHE.items() for x in (f"--{key.replace('_', '-')}", str(value))]]
+    plain = tec_in_process(capfd, *argv)  # a plain rerun: no checksum traceback, the advice to repair
+    assert_one_line_error(plain)
+    assert "done flag of view 1 task 4 does not decode (ValueError); rerun with --repair" in plain.stderr
+    assert _files(store) == before
+    verify = ["verify", str(store), "--shards", str(fmnist_shards)]
+    found = tec_in_process(capfd, *verify)
+    assert found.returncode == 1 and "FAIL: features: chunk of view 0 task 2 (rows 128-192) does not decode" in found.stderr
+    assert "FIX: rerun the store's `tec cache-targets` command with --repair" in found.stderr, found.stderr
     proc = tec_in_process(capfd, *argv, "--repair")
     assert proc.returncode == 0, proc.stderr
     assert "repair: 3 damaged task(s) to recompute: view 0 task 2, view 1 task 3, view 1 task 4" in proc.stdout
@@ -68,5 +76,6 @@ def test_repair_recomputes_exactly_the_damaged_tasks(reference_store: Path, fmni
     for name in reference.array_keys():
         assert np.array_equal(ours[name][...], reference[name][...]), name
     assert TargetStore.open(store).check_integrity() == []
+    assert tec_in_process(capfd, *verify).returncode == 0
     again = tec_in_process(capfd, *argv, "--repair")
     assert "repair: 0 damaged task(s) to recompute" in again.stdout and "0 of 10 tasks computed" in again.stdout

@@ -67,6 +67,19 @@ def reset_damaged_tasks(url: str) -> list[Task]:
     return damaged
 
 
+def require_readable_flags(url: str) -> None:
+    """UserError naming the damaged done flags of an existing store (cheap: one tiny object per task), so a stage-1
+    rerun says to repair instead of failing in a checksum traceback; a missing store is left to stage 1."""
+    try:
+        store = TargetStore.open(url)
+    except UserError:
+        return  # not a store (yet): creating or refusing it is stage 1's business
+    _, flags = _readable_done(store)
+    if flags:
+        raise UserError(f"{url}: {'; '.join(reason for _, reason in flags[:5])}; rerun with --repair to recompute "
+                        "those tasks")
+
+
 def read_rows_or_explain(store: TargetStore, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
     """`store.read_rows`, with a chunk that fails to decode (checksum, truncation, missing object) reported as a
     UserError naming the chunk and the repair, instead of a codec traceback deep inside a loader."""

@@ -105,7 +105,7 @@ def loop_settings(loop_cfg: Any, world_size: int, micro_per_epoch: int, record: 
     model's record (checkpoint_extra minus paths)."""
     plain = {k: v for k, v in to_plain(loop_cfg).items() if k not in MAY_CHANGE}
     model = {k: to_plain(v) for k, v in record.items() if k not in ("base_checkpoint",)}  # a path, not content
-    return {**plain, "world_size": world_size, "micro_batches_per_epoch": micro_per_epoch, "model": model}
+    return {**plain, "world_size": world_size, "micro_batches_per_epoch": micro_per_epoch, "model_record": model}
 
 
 def _short(value: Any) -> str:
