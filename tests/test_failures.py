@@ -223,3 +223,18 @@ def test_off_a_terminal_every_epoch_logs_one_line(fmnist_shards: Path, tmp_path:
     pattern = r"epoch {}/2: step {}/4, loss \d+\.\d{{4}}, \d+ img/s, elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d"
     assert len(lines) == 2 and all(re.fullmatch(pattern.format(e, 2 * e), line) for e, line in zip((1, 2), lines,
                                                                                                      strict=True)), lines
+
+
+def test_off_a_terminal_stage_1_logs_a_line_every_few_tasks(fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="tec_pipeline.progress"):
+        cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(tmp_path / "s.zarr"),
+                                  **{**CACHE, "chunk_rows": 32}), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tec_pipeline.progress"]
+    done = [int(m.group(1)) for line in lines
+            if (m := re.fullmatch(r"cache-targets: (\d+)/20 tasks \(\d+ %\), \d+ img/s, elapsed \d+:\d\d:\d\d, "
+                                  r"ETA \d+:\d\d:\d\d", line))]
+    assert done == list(range(1, 21)) and len(lines) == 20, lines  # 2 views x 10 chunks, 20 lines at most

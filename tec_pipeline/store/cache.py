@@ -28,6 +28,7 @@ from tec_pipeline.data.views import normalize, replay_view_uint8, sample_view, v
 from tec_pipeline.devices import resolve_device, threads_beside_workers
 from tec_pipeline.models.base import EncoderCheckpoint, load_encoder
 from tec_pipeline.models.targets import stored_targets
+from tec_pipeline.progress import ProgressLog
 from tec_pipeline.store.codecs import get_codec
 from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
 
@@ -173,12 +174,14 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
     img_size = store.attrs["base_model"]["input_size"]
     images, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(tasks), desc="cache-targets", unit="task", disable=not progress)
+    lines = ProgressLog("cache-targets", len(tasks), "tasks", enabled=not progress)  # off a terminal
     with threads_beside_workers(device, cfg.loader_workers):
         for inputs in _decoded_tasks(cfg, manifest, tasks, img_size):
             result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device)
             store.write_task(inputs.task, **result)
             images += len(inputs.pixels)
             bar.update(1)
+            lines.update(1, len(inputs.pixels))
             bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
     bar.close()
     return images

@@ -74,6 +74,8 @@ def require_readable_flags(url: str) -> None:
         store = TargetStore.open(url)
     except UserError:
         return  # not a store (yet): creating or refusing it is stage 1's business
+    if "done" not in {layout.name for layout in _array_problems(store)[1]}:
+        return  # killed while being created: stage 1 completes it
     _, flags = _readable_done(store)
     if flags:
         raise UserError(f"{url}: {'; '.join(reason for _, reason in flags[:5])}; rerun with --repair to recompute "

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tec_pipeline.progress import clock
+
 log = logging.getLogger(__name__)
 
 FIXED_HEAD = ("step", "epoch", "lr")
@@ -42,13 +44,8 @@ class EpochLog:
         elapsed = time.perf_counter() - self._start
         eta = elapsed / max(step - self._start_step, 1) * max(total - step, 0)
         log.info("epoch %d/%d: step %d/%d, loss %.4f, %.0f img/s, elapsed %s, ETA %s", epoch + 1, self.epochs,
-                 step, total, row.get("loss", float("nan")), row.get("img_per_s", 0.0), _clock(elapsed),
-                 _clock(eta))
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+                 step, total, row.get("loss", float("nan")), row.get("img_per_s", 0.0), clock(elapsed),
+                 clock(eta))
 
 
 def _tensorboard_writer(run_dir: Path) -> Any:
