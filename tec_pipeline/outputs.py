@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,25 @@ def require_writable(path: str | os.PathLike[str], flag: str = "--out") -> None:
     except OSError as e:
         raise UserError(f"{flag} {target} is not writable ({base}: {e.strerror or e}, errno {e.errno}); "
                         f"choose a writable {flag}") from None
+
+
+def require_free_space(path: str | os.PathLike[str], needed: int, what: str, kept: str) -> None:
+    """UserError when the file system of `path` has less than `needed` bytes free: checked before a long write,
+    so it fails at the start rather than hours in. `what` names the write, `kept` what earlier output survives."""
+    if not is_local(path):
+        return
+    free = shutil.disk_usage(_existing_ancestor(_local(path))).free
+    if free < needed:
+        raise UserError(f"{what} need about {_size(needed)}, but {_local(path)} has {_size(free)} free; free space "
+                        f"or choose another --out ({kept})")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def write_failure(e: OSError, what: str, kept: str) -> UserError:

@@ -238,3 +238,24 @@ def test_off_a_terminal_stage_1_logs_a_line_every_few_tasks(fmnist_shards: Path,
             if (m := re.fullmatch(r"cache-targets: (\d+)/20 tasks \(\d+ %\), \d+ img/s, elapsed \d+:\d\d:\d\d, "
                                   r"ETA \d+:\d\d:\d\d", line))]
     assert done == list(range(1, 21)) and len(lines) == 20, lines  # 2 views x 10 chunks, 20 lines at most
+
+
+def test_stage_1_checks_free_space_for_its_pending_tasks_before_computing(
+        reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    from tec_pipeline.store.integrity import pending_bytes
+
+    store = TargetStore.open(reference_store)
+    estimate = pending_bytes(store, store.tasks())
+    data = sum(store.stored_bytes(f"{name}/c/") for name in store.spec.row_arrays)
+    assert 0.95 * estimate <= data <= 1.01 * estimate, (estimate, data)  # the estimate is what a store takes
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 500_000, 500_000))
+    out = tmp_path / "store.zarr"
+    proc = tec_in_process(capfd, *_cache_argv(fmnist_shards, pico_base, out))
+    assert_one_line_error(proc)
+    assert (f"the 10 pending tasks need about {estimate / 1e6:.1f} MB, but {out} has 500.0 kB free; free space or "
+            "choose another --out (finished tasks are kept)") in proc.stderr, proc.stderr
+    assert TargetStore.open(out).pending_tasks() == store.tasks()  # nothing computed

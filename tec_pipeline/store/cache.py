@@ -28,8 +28,10 @@ from tec_pipeline.data.views import normalize, replay_view_uint8, sample_view, v
 from tec_pipeline.devices import resolve_device, threads_beside_workers
 from tec_pipeline.models.base import EncoderCheckpoint, load_encoder
 from tec_pipeline.models.targets import stored_targets
+from tec_pipeline.outputs import require_free_space
 from tec_pipeline.progress import ProgressLog
 from tec_pipeline.store.codecs import get_codec
+from tec_pipeline.store.integrity import pending_bytes
 from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,8 @@ def cache_targets(cfg: CacheConfig, progress: bool = False) -> dict[str, Any]:
     store = TargetStore.create_or_resume(cfg.out, spec, store_attributes(cfg, manifest, ckpt, rows))
     pending = store.pending_tasks()
     total = len(store.tasks())
+    require_free_space(cfg.out, pending_bytes(store, pending), f"the {len(pending)} pending tasks",
+                       "finished tasks are kept")
     log.info("store %s: %d views x %d rows, %d of %d tasks pending; base model %s (%s, sha256 %s)", cfg.out,
              cfg.views, rows, len(pending), total, arch.name, ckpt.fmt, ckpt.sha256[:12])
     t0 = time.perf_counter()

@@ -95,6 +95,14 @@ def read_rows_or_explain(store: TargetStore, view: int, start: int, stop: int) -
                         "command) to recompute it") from None
 
 
+def pending_bytes(store: TargetStore, tasks: list[Task]) -> int:
+    """Bytes `tasks` will write, uncompressed and in whole chunks (a ragged last chunk is stored full size): close
+    to what they take, since the feature and attention arrays, nearly all of a store, are not compressed."""
+    per_row = sum(math.prod(layout.trailing) * np.dtype(layout.dtype).itemsize
+                  for layout, _, _ in store.spec.arrays() if layout.name != "done")
+    return per_row * len(tasks) * store.spec.chunk_rows
+
+
 def store_fingerprint(store: TargetStore) -> str:
     """sha256 of what a store holds, for a training run's identity: its attributes minus the package version and
     the base model's path (its sha256 stays), and which tasks are done."""
