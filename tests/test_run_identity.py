@@ -167,6 +167,9 @@ def test_init_from_starts_a_new_run_from_a_finished_one(fmnist_shards: Path, tmp
     longer = tec_in_process(capfd, *base[:-1], "3", "--out", str(parent))
     assert_one_line_error(longer)
     assert "epochs: stored 2, given 3" in longer.stderr
+    alone = tec_in_process(capfd, *base, "--out", str(child), "--init-optimizer")
+    assert_one_line_error(alone)
+    assert "give --init-from RUN/checkpoint.pth too" in alone.stderr and not child.exists()
     inside = tec_in_process(capfd, *base, "--out", str(parent), "--init-from", str(parent_ckpt), "--overwrite")
     assert_one_line_error(inside)
     assert "lies in --out" in inside.stderr

@@ -371,7 +371,6 @@ def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]
         raise ValueError(f"checkpoint_extra may not set {sorted(clash)}")
     require_writable(run_dir, "--out")
     run = _build_run(model, steps_per_epoch, cfg, run_dir)  # first: bad settings leave no run directory
-    run_dir.mkdir(parents=True, exist_ok=True)
     latest = run_dir / ckpt_io.LATEST
     start = _open_run_dir(run, run_spec or run_dirs.default_spec(run_config), extra)
     total_steps = cfg.epochs * run.steps_per_epoch

@@ -185,6 +185,9 @@ def write_identity(run_dir: Path, identity: dict[str, Any], parent: Path | None)
 
 def _parent_record(spec: RunSpec, run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
     if spec.init_from is None:
+        if spec.init_optimizer:
+            raise UserError("--init-optimizer takes the optimizer state of the --init-from checkpoint; give "
+                            "--init-from RUN/checkpoint.pth too")
         return None, None
     parent = Path(spec.init_from)
     if not parent.is_file():
@@ -203,7 +206,7 @@ def _refusal(run_dir: Path, differences: list[str]) -> UserError:
 
 
 def open_run(run_dir: Path, spec: RunSpec, loop_part: dict[str, Any], resume: bool, is_main: bool) -> OpenedRun:
-    """Decide whether `run_dir` resumes, starts fresh or is refused; on rank 0 clear/record it accordingly.
+    """Decide whether `run_dir` resumes, starts fresh or is refused; on rank 0 create/clear/record it accordingly.
 
     Refuses (UserError) a resume whose identity differs, a fresh start into a directory holding another run
     without --overwrite, and a directory holding a checkpoint but no identity (written before identities).
@@ -235,6 +238,7 @@ def open_run(run_dir: Path, spec: RunSpec, loop_part: dict[str, Any], resume: bo
                             "it over, or drop --no-resume to continue it")
     will_resume = resume and has_checkpoint and not spec.overwrite
     if is_main and not will_resume:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused start leaves no directory behind
         _clear(run_dir)  # what is left belongs to this very run, killed before its first checkpoint
         write_identity(run_dir, identity, parent)
     return OpenedRun(identity, will_resume, None if will_resume else parent)
