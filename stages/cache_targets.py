@@ -6,7 +6,9 @@ import click
 
 from stages.common import show_progress
 from tec_pipeline.config import config_option, from_options
+from tec_pipeline.outputs import require_writable
 from tec_pipeline.stage1 import CacheConfig, cache_targets
+from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
 
 
 @click.command("cache-targets")
@@ -34,9 +36,17 @@ from tec_pipeline.stage1 import CacheConfig, cache_targets
               help="Base-model autocast: auto = bf16 on CUDA, none on CPU. Recorded in the store.")
 @click.option("--writer-threads", default=2, show_default=True, type=int,
               help="Threads that encode and write chunks while the next batches run.")
-def command(**options: object) -> None:
+@click.option("--repair", is_flag=True, help="Recompute the done tasks whose chunks are missing or do not decode.")
+def command(repair: bool, **options: object) -> None:
     """Compute the base model's enhanced targets once and write them (with each view's box) to a store."""
     cfg = from_options(CacheConfig, options)
+    if repair:
+        require_writable(cfg.out)  # repair resets flags before stage 1 runs its own checks
+        damaged = reset_damaged_tasks(cfg.out)
+        named = ", ".join(f"view {t.view} task {t.index}" for t in damaged[:20]) + (", ..." if len(damaged) > 20 else "")
+        click.echo(f"repair: {len(damaged)} damaged task(s) to recompute" + (f": {named}" if damaged else ""))
+    else:
+        require_readable_flags(cfg.out)
     summary = cache_targets(cfg, progress=show_progress())
     if summary["rank"] != 0:
         return  # one summary per run, from rank 0 (its counts cover every rank)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from tec_pipeline.errors import UserError
+from tec_pipeline.progress import ProgressLog
 from tec_pipeline.stage1.config import CacheConfig
 from tec_pipeline.store.claims import HEARTBEAT_S, STALE_S
 from tec_pipeline.store.layout import Task
@@ -141,10 +142,12 @@ def run_on_dask(client: Any, cfg: CacheConfig, groups: list[list[Task]], progres
     from dask.distributed import as_completed
 
     images, done, t0 = 0, 0, time.perf_counter()
+    lines = ProgressLog("cache-targets", len(groups), "chunk groups", enabled=not progress)  # off a terminal
     with tqdm(total=len(groups), desc="cache-targets", unit="chunk", disable=not progress) as bar:
         for future in as_completed(futures):
             group_images, group_tasks = future.result()
             images, done = images + group_images, done + group_tasks
             bar.update(1)
+            lines.update(1, group_images)
             bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
     return images, done

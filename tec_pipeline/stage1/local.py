@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from tec_pipeline.data.shards import Manifest
 from tec_pipeline.devices import threads_beside_workers
+from tec_pipeline.progress import ProgressLog
 from tec_pipeline.stage1.compute import compute_task
 from tec_pipeline.stage1.config import CacheConfig
 from tec_pipeline.stage1.decode import ChunkDataset, decoded_groups
@@ -46,6 +47,7 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
         return True
 
     bar = tqdm(total=sum(map(len, groups)), desc="cache-targets", unit="task", disable=not progress)
+    lines = ProgressLog("cache-targets", sum(map(len, groups)), "tasks", enabled=not progress)  # off a terminal
     with threads_beside_workers(device, cfg.loader_workers), \
             WriterPool(store, cfg.writer_threads, claims.release) as writers:
         loader = decoded_groups(dataset, cfg.loader_workers, pin=device.type == "cuda",
@@ -57,6 +59,7 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
                 writers.submit(inputs.task, result)
                 images, tasks = images + len(inputs.pixels), tasks + 1
                 bar.update(1)
+                lines.update(1, len(inputs.pixels))
                 bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
     bar.close()
     return images, tasks

@@ -7,16 +7,12 @@ serves all of them, so groups, not tasks, are what executors and ranks divide am
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import tec_pipeline
 from tec_pipeline.config import require
 from tec_pipeline.data.shards import Manifest
 from tec_pipeline.data.views import view_constants
-from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import EncoderCheckpoint
 from tec_pipeline.models.targets import TARGETS_IMPLEMENTATION
 from tec_pipeline.stage1.config import CacheConfig
@@ -86,22 +82,3 @@ def _itemsize(dtype: str) -> int:
     return {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "float16": 2, "int32": 4, "float32": 4}[dtype]
 
 
-def check_free_space(out: str, needed: int) -> None:
-    """UserError before any work when a local `out` cannot hold `needed` more bytes (remote URLs: unchecked)."""
-    if "://" in out and not out.startswith("file://"):
-        return
-    path = Path(out.removeprefix("file://")).absolute()
-    probe = next((p for p in (path, *path.parents) if p.exists()), None)
-    if probe is None:
-        return
-    if os.statvfs(probe).f_flag & os.ST_RDONLY or not os.access(probe, os.W_OK):
-        raise UserError(f"{out} is not writable ({probe} is on a read-only file system or not writable by this "
-                        "user); choose another --out")
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise UserError(f"{out} needs about {_size(needed)} more for the pending tasks, and its disk has "
-                        f"{_size(free)} free; free space or choose another --out")
-
-
-def _size(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

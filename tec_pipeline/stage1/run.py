@@ -11,7 +11,6 @@ its `plan.rank_share` of the groups) or dask.distributed (`cluster.py`). Writers
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import time
 from contextlib import ExitStack
@@ -22,10 +21,10 @@ from tec_pipeline.data.shards import Manifest, load_manifest
 from tec_pipeline.devices import resolve_device
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import EncoderCheckpoint, load_encoder
+from tec_pipeline.outputs import require_free_space, require_writable, write_errors
 from tec_pipeline.stage1.config import CacheConfig, resolve_amp, validate_config
 from tec_pipeline.stage1.plan import (
     RESUMABLE_ATTRS,
-    check_free_space,
     chunk_groups,
     estimated_bytes,
     rank_share,
@@ -56,7 +55,10 @@ def _open_store(cfg: CacheConfig, manifest: Manifest, ckpt: EncoderCheckpoint, r
                 precision: dict[str, str]) -> list[list[Task]]:
     """Rank 0's part: check free space, create or resume the store; returns the pending chunk groups."""
     spec = store_spec(cfg, ckpt, rows)
-    check_free_space(cfg.out, estimated_bytes(spec, _pending_before_creation(cfg.out, spec)))
+    pending = _pending_before_creation(cfg.out, spec)
+    require_writable(cfg.out)
+    require_free_space(cfg.out, estimated_bytes(spec, pending), f"the {len(pending)} pending tasks",
+                       "finished tasks are kept")
     attrs = store_attributes(cfg, manifest, ckpt, rows, precision)
     store = _write_errors(cfg, lambda: TargetStore.create_or_resume(cfg.out, spec, attrs,
                                                                     VOLATILE_ATTRS | RESUMABLE_ATTRS))
@@ -64,15 +66,10 @@ def _open_store(cfg: CacheConfig, manifest: Manifest, ckpt: EncoderCheckpoint, r
 
 
 def _write_errors(cfg: CacheConfig, fn: Any) -> Any:
-    """fn(), with a failed write (full disk, read-only or vanished --out) as one line; finished tasks stay done."""
-    try:
+    """fn(), with a write the destination refused (full disk, read-only, quota) as one line; finished tasks stay
+    done."""
+    with write_errors(cfg.out, "finished tasks are kept; free space or fix permissions and rerun to continue"):
         return fn()
-    except OSError as e:
-        reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                  errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(
-            e.errno, e.strerror or e.__class__.__name__)
-        raise UserError(f"cannot write to {cfg.out}: {reason} ({e.filename or 'a chunk'}); every finished task is "
-                        "kept — free space or fix permissions and rerun to continue") from None
 
 
 def cache_targets(cfg: CacheConfig, progress: bool = False,

@@ -11,8 +11,11 @@ import csv
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from tec_pipeline.progress import clock
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,26 @@ FIXED_TAIL = ("img_per_s", "data_wait")
 def progress_enabled(is_main: bool) -> bool:
     """tqdm bars on rank 0 only, on a terminal, and not when TEC_NO_PROGRESS=1."""
     return is_main and sys.stderr.isatty() and os.environ.get("TEC_NO_PROGRESS", "0") != "1"
+
+
+class EpochLog:
+    """One log line per finished epoch when no progress bar is shown (nohup, slurm, CI): the only sign of life
+    a log file gets otherwise. Line: epoch, optimizer steps, loss, img/s of the last step, elapsed and ETA."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, start_step: int, enabled: bool) -> None:
+        self.epochs, self.steps_per_epoch, self.enabled = epochs, steps_per_epoch, enabled
+        self._start, self._start_step = time.perf_counter(), start_step  # a resumed run times from its resume
+
+    def epoch_done(self, epoch: int, step: int, row: dict[str, Any]) -> None:
+        """`epoch` (0-based) just ended at optimizer step `step`; `row` holds the last step's metrics."""
+        if not self.enabled:
+            return
+        total = self.epochs * self.steps_per_epoch
+        elapsed = time.perf_counter() - self._start
+        eta = elapsed / max(step - self._start_step, 1) * max(total - step, 0)
+        log.info("epoch %d/%d: step %d/%d, loss %.4f, %.0f img/s, elapsed %s, ETA %s", epoch + 1, self.epochs,
+                 step, total, row.get("loss", float("nan")), row.get("img_per_s", 0.0), clock(elapsed),
+                 clock(eta))
 
 
 def _tensorboard_writer(run_dir: Path) -> Any:
