@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tec_pipeline.store.cache import CacheConfig, cache_targets
 from zarr.storage import LocalStore
 
 import tec_pipeline.outputs as outputs
 from tec_pipeline.errors import UserError
+from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from tec_pipeline.store.cache import CacheConfig, cache_targets
 
+from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.integrity import damaged_tasks
 from tec_pipeline.store.layout import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
-from tec_pipeline.store.cache import CacheConfig, cache_targets
 
+from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train.run_dir import RUN_FILE, remove_stale_temp_files
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process

@@ -137,16 +137,18 @@ def test_not_enough_free_space_is_refused_before_any_store(fmnist_shards: Path, 
 def test_read_only_out_one_line_before_any_store(fmnist_shards: Path, pico_base: Path, tmp_path: Path,
                                                   capfd: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    from types import SimpleNamespace
+    import errno
 
-    import tec_pipeline.stage1.plan as plan
+    import tec_pipeline.outputs as outputs
 
-    monkeypatch.setattr(plan.os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY))  # root ignores chmod
+    def read_only(directory: Path) -> None:  # root ignores chmod: the write probe is what sees a read-only mount
+        raise OSError(errno.EROFS, "Read-only file system", str(directory))
+
+    monkeypatch.setattr(outputs, "probe_write", read_only)
     out = tmp_path / "ro.zarr"
     proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out))
     assert_one_line_error(proc)
-    assert "read-only" in proc.stderr and not out.exists()
+    assert "Read-only file system" in proc.stderr and not out.exists()
 
 
 def test_disk_full_mid_run_one_line_and_finished_tasks_kept(store: Path, fmnist_shards: Path, pico_base: Path,

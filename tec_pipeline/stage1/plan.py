@@ -71,11 +71,13 @@ def rank_share(groups: list[list[Task]], rank: int, world: int) -> list[list[Tas
 
 
 def estimated_bytes(spec: StoreSpec, tasks: list[Task]) -> int:
-    """Upper estimate of the bytes `tasks` will add: every array's raw (uncompressed) chunk size."""
+    """Upper estimate of the bytes `tasks` will add: every array's raw (uncompressed) size in whole chunks (a
+    ragged last chunk is stored full size); the feature and attention arrays, nearly all of a store, are not
+    compressed, so the estimate is close to what the tasks take."""
     per_row = 0
     for layout, _, _ in spec.arrays()[:-1]:
         per_row += math.prod(layout.trailing) * _itemsize(layout.dtype)
-    return int(SPACE_MARGIN * per_row * sum(t.rows for t in tasks))
+    return int(SPACE_MARGIN * per_row * spec.chunk_rows * len(tasks))
 
 
 def _itemsize(dtype: str) -> int:
