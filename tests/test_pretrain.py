@@ -69,7 +69,7 @@ def test_cached_step_equals_online_step(store: Path, fmnist_shards: Path, pico_b
 
 def _pretrain_args(shards: Path, out: Path, source: list[str], *extra: str) -> list[str]:
     return ["pretrain", *source, "--shards", str(shards), "--out", str(out), "--epochs", "2", "--batch-size", "32",
-            "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", *extra]
+            "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", "--log-every", "1", *extra]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
