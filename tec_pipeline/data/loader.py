@@ -218,7 +218,8 @@ def iter_unit_batches(shards_dir: Path, plan: UnitPlan, skip: int, item_fn: Item
     Rows wait in `pending` as read (encoded fields + `item_fn.stored(row)`), at most about a shuffle buffer's
     worth, and are decoded when their turn in the emission order comes. A row that yields no item is replaced
     by the following rows of the stream. With `validity_known`, rows of skipped batches are not even read;
-    otherwise they are decoded (not replayed), since which of them failed decides where batch `skip` starts.
+    otherwise they are made into items and dropped, since which of them failed decides where batch `skip`
+    starts (a resume of online mode costs decoding the unit's rows before it).
     """
     size, known = plan.batch_size, bool(getattr(item_fn, "validity_known", False))
     stored_fn = getattr(item_fn, "stored", None)
@@ -238,11 +239,11 @@ def iter_unit_batches(shards_dir: Path, plan: UnitPlan, skip: int, item_fn: Item
                 position += 1
                 key_, fields_, stored = pending.pop(next_row)
                 sample = decode_fields(next_row, key_, fields_)
-                if emitted < skip * size:  # a skipped batch's row: only whether it decodes matters
-                    emitted += sample.image is not None
-                    continue
                 item = _emit(item_fn, sample, stored, stored_fn is not None)
                 if item is None:
+                    continue
+                if emitted < skip * size:  # a row of a skipped batch: only whether it made an item matters
+                    emitted += 1
                     continue
                 batch.append(item)
                 emitted += 1
