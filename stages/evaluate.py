@@ -93,6 +93,8 @@ def knn_command(**options: Any) -> None:
 @click.option("--save-every", default=0, show_default=True, type=int)
 @run_dir_options
 @click.option("--resume/--no-resume", default=True, show_default=True)
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(("auto", "bf16", "fp16", "none")),
+              help="Autocast: auto (bf16 on CUDA, off on CPU), bf16, fp16 (GradScaler, CUDA only), none.")
 def finetune_command(**options: Any) -> None:
     """Fine-tune the encoder end to end (layer decay, drop path, RandAugment, mixup) and score the test set."""
     from tec_pipeline.eval.features import check_input_size

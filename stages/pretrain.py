@@ -6,6 +6,8 @@ import click
 
 from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
+from tec_pipeline.data.loader import DEFAULT_SHUFFLE_BUFFER
+from tec_pipeline.train.loop import AMP_POLICIES
 from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretrain
 
 
@@ -41,7 +43,15 @@ from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretr
 @click.option("--views", default=None, type=int, help="Use only the store's first N views (default: all).")
 @click.option("--masks-per-view", default=1, show_default=True, type=int, help="Student masks per loaded view.")
 @click.option("--workers", default=0, show_default=True, type=int, help="Loader worker processes.")
+@click.option("--shuffle-buffer", default=DEFAULT_SHUFFLE_BUFFER, show_default=True, type=int,
+              help="Rows each loader worker holds (compact) to shuffle; sets its memory, see README.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--view-seed", default=None, type=int,
+              help="Online: seed of the views (default: --seed); cached: must equal the store's.")
+@click.option("--log-every", default=10, show_default=True, type=int,
+              help="Optimizer steps per loss reduction and metrics row (a NaN is seen within this many).")
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(AMP_POLICIES),
+              help="Autocast: auto (bf16 on CUDA, off on CPU), bf16, fp16 (GradScaler, CUDA only), none.")
 @click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N optimizer steps.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint.pth.")
 @run_dir_options

@@ -51,11 +51,17 @@ def test_tiny_quick_writes_every_key(tmp_path: Path) -> None:
     mem = result["memory"]
     assert mem["rows_large"] == 4 * mem["rows_small"] and mem["ratio"] == pytest.approx(mem["rss_large_mb"] / mem["rss_small_mb"])
     assert set(result["goals"]) == {"stage2", "stage1", "codecs", "attention_targets", "memory", "host_path_fp16",
-                                    "host_path_ecq"}
+                                    "host_path_ecq", "worker_memory"}
     host = result["host_path"]
     assert host["images"] == 32 and set(host["codecs"]) == {"fp16", "int8", "ecq"}
     assert all(_positive(f["cpu_ms_per_view"]) and _positive(f["views_s"]) and f["views"] == 64
                for f in host["codecs"].values())
+    workers = result["worker_memory"]
+    assert workers["rows_large"] == 4 * workers["rows_small"] and workers["target_bytes_per_row"] > 370_000
+    assert all(_positive(workers[f"worker_own_peak_mb_{k}"]) for k in ("small", "large"))
+    assert workers["worker_peak_mb_large"] > workers["worker_own_peak_mb_large"]
+    wait = result["stage2"]["epoch_start_wait"]
+    assert wait["first_steps"] >= 1 and 0 <= wait["first_steps_wait"] <= 1 and 0 <= wait["other_steps_wait"] <= 1
     assert not list((tmp_path / "work").iterdir())  # every temporary file is gone
 
 
@@ -106,6 +112,8 @@ def test_run_figures_skip_the_warmup_epoch_and_time_steady_steps(tmp_path: Path)
     assert result.epoch.img_s == pytest.approx(40 / 7)
     assert result.epoch.teacher_share == pytest.approx(2.75 / 7)
     assert result.epoch.data_wait == pytest.approx(2 / 7)
+    # each timed epoch's first step (of 2: min(20, 2 // 2)) against the rest
+    assert result.start_steps == 1 and result.start_wait == pytest.approx(2 / 5) and result.rest_wait == 0
 
 
 def test_interleaved_rotates_the_order() -> None:

@@ -69,7 +69,7 @@ def test_cached_step_equals_online_step(store: Path, fmnist_shards: Path, pico_b
 
 def _pretrain_args(shards: Path, out: Path, source: list[str], *extra: str) -> list[str]:
     return ["pretrain", *source, "--shards", str(shards), "--out", str(out), "--epochs", "2", "--batch-size", "32",
-            "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", *extra]
+            "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", "--log-every", "1", *extra]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -167,3 +167,56 @@ def test_refusals_before_any_step(store: Path, fmnist_shards: Path, tmp_path: Pa
     assert "patch grid is 4x4" in wrong_model.stderr and "--input-size 16" in wrong_model.stderr
     allowed = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(partial), "--allow-partial"]))
     assert allowed.returncode == 0, allowed.stderr
+
+
+def _first_images(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], *args: str) -> torch.Tensor:
+    """The images of the first batch `tec pretrain ARGS` (in-process) trains on."""
+    from tec_pipeline.train import pretrain as stage
+
+    seen: list[torch.Tensor] = []
+    step = stage._Step.__call__
+    monkeypatch.setattr(stage._Step, "__call__", lambda self, model, batch: seen.append(batch["images"])
+                        or step(self, model, batch))
+    proc = tec_in_process(capfd, *args)
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.undo()
+    return seen[0]
+
+
+def test_views_agree_between_modes_through_the_view_seed(store: Path, fmnist_shards: Path, pico_base: Path,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    stored_seed = TargetStore.open(str(store)).attrs["views"]["seed"]
+    common = ["--epochs", "1", "--limit", "64", "--seed", "3", "--log-every", "1"]
+    online = tmp_path / "online"
+    online_images = _first_images(monkeypatch, capfd, *_pretrain_args(
+        fmnist_shards, online, ["--base-model", str(pico_base), "--topk", str(K), "--view-seed", str(stored_seed)]),
+        *common)
+    assert torch.load(online / "checkpoint.pth", weights_only=True)["view_seed"] == stored_seed
+    assert f"view_seed: {stored_seed}" in (online / "config.yaml").read_text()
+    cached = tmp_path / "cached"
+    cached_images = _first_images(monkeypatch, capfd, *_pretrain_args(fmnist_shards, cached, ["--targets", str(store)]),
+                                  *common)
+    assert torch.equal(online_images, cached_images)  # --seed 3 differs from the store's; the views do not
+    assert torch.load(cached / "checkpoint.pth", weights_only=True)["view_seed"] == stored_seed
+    default = _first_images(monkeypatch, capfd, *_pretrain_args(
+        fmnist_shards, tmp_path / "default", ["--base-model", str(pico_base), "--topk", str(K)]), *common)
+    assert not torch.equal(default, cached_images)  # without --view-seed, online views come from --seed
+    refused = tec_in_process(capfd, *_pretrain_args(fmnist_shards, tmp_path / "refused", ["--targets", str(store)]),
+                             "--view-seed", str(stored_seed + 1))
+    assert_one_line_error(refused)
+    assert f"differs from the view seed {stored_seed}" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is allowed where CUDA is")
+def test_amp_fp16_without_cuda_is_one_line(store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
+    pretrain = tec_in_process(capfd, *_pretrain_args(fmnist_shards, tmp_path / "p", ["--targets", str(store)]),
+                              "--amp", "fp16")
+    finetune = tec_in_process(capfd, "finetune", "--checkpoint", str(pico_base), "--train-shards",
+                              str(fmnist_shards), "--test-shards", str(fmnist_shards), "--out", str(tmp_path / "f"),
+                              "--amp", "fp16", "--epochs", "1")
+    for proc in (pretrain, finetune):
+        assert_one_line_error(proc)
+        assert "--amp fp16 needs a CUDA device" in proc.stderr

@@ -245,3 +245,52 @@ def test_ddp_with_accumulation_equals_one_process(tmp_path):
     assert len(ddp["rng"]) == 2 and ddp["data_position"]["world_size"] == 2
     for name, value in single.state_dict().items():
         assert torch.allclose(ddp["model"][name], value, atol=1e-6, rtol=0), name
+
+
+def test_non_finite_loss_between_log_steps_is_seen_late_but_never_checkpointed(tmp_path):
+    calls = {"n": 0}
+
+    def nan_step(model, batch):
+        calls["n"] += 1
+        out = model(batch)
+        if calls["n"] == 9:  # epoch 1, optimizer step 4 (0-based): two steps after the epoch-0 checkpoint
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    # no row before the epoch's end: the NaN is seen one optimizer step later, before the epoch-end save
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1 step 4; last good"):
+        run_training(fresh_toy(), toy_batches, 5, loop_cfg(save_every=0, log_every=10), tmp_path, step_fn=nan_step)
+    assert calls["n"] == 10  # the rest of the epoch ran, no further
+    ck = ckpt_io.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ck["data_position"]["epoch"] == 1 and ck["data_position"]["batch"] == 0
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert [step for step, _ in _metric_losses(tmp_path)] == ["3"]  # one row for epoch 0's three steps
+
+
+def test_log_every_averages_rows_and_a_save_forces_one(tmp_path):
+    run_training(fresh_toy(), toy_batches, 5, loop_cfg(log_every=1, save_every=0), tmp_path / "each")
+    run_training(fresh_toy(), toy_batches, 5, loop_cfg(log_every=2, save_every=3), tmp_path / "pairs")
+    each = [float(loss) for _, loss in _metric_losses(tmp_path / "each")]
+    rows = _metric_losses(tmp_path / "pairs")
+    # steps 1-2 | 3 (epoch end) | 4 | 5-6 (save at 6 is an epoch end) | 7-8 | 9 (epoch end)
+    assert [step for step, _ in rows] == ["2", "3", "4", "6", "8", "9"]
+    spans = [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]
+    for (_, loss), (a, b) in zip(rows, spans, strict=True):
+        assert float(loss) == pytest.approx(sum(each[a:b]) / (b - a), rel=1e-6)
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused(tmp_path):
+    model = fresh_toy()
+    run_training(model, toy_batches, 5, loop_cfg(amp="bf16", epochs=1), tmp_path / "bf16")
+    assert not torch.equal(model.fc.weight, fresh_toy().fc.weight)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(UserError, match="--amp fp16 needs a CUDA device"):
+        run_training(fresh_toy(), toy_batches, 5, loop_cfg(amp="fp16", device="cpu"), tmp_path / "fp16")
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_process_group_backend_follows_the_device():
+    from tec_pipeline.train.distributed import backend_for
+
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 1)) == "nccl"

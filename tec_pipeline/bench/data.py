@@ -7,6 +7,7 @@ scikit-image), the decode work of a real photo data set.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,13 @@ from PIL import Image
 
 import tec_pipeline
 from tec_pipeline.bench.presets import BenchPreset
+from tec_pipeline.data.shards import Manifest, ShardWriter, load_manifest, make_manifest, write_manifest
 from tec_pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
+from tec_pipeline.data.views import sample_view, view_constants
 from tec_pipeline.data.writing import write_shards
 from tec_pipeline.models.vit import build_vit, resolve_arch
 from tec_pipeline.stage1 import CacheConfig
+from tec_pipeline.store.layout import StoreSpec, TargetStore
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256
@@ -114,3 +118,65 @@ def prepare_data(preset: BenchPreset, root: Path) -> BenchData:
     log.info("bench data: %d and %d images from %s, random %s base model", preset.images, large_rows,
              spec.split(":")[0], preset.arch)
     return BenchData(root, shards, large, base, preset.images, spec.split(":")[0])
+
+
+# A ViT-B/16 base model's targets: L = 196 patches of D = 768, H = 12 heads, top-k = 15 rows; input 224 px
+VIT_B_TARGETS = {"patches": 196, "dim": 768, "heads": 12, "k": 15, "img_size": 224}
+IMAGENET_SIZE = (500, 375)  # the typical ImageNet training image (width, height)
+PHOTO_VARIANTS = 32
+
+
+def photo_size(row: int) -> tuple[int, int]:
+    """(width, height) of row `row` of `write_photo_shards`: one in four is portrait."""
+    return IMAGENET_SIZE if (row % PHOTO_VARIANTS) % 4 else IMAGENET_SIZE[::-1]
+
+
+def write_photo_shards(out: Path, rows: int, seed: int = 0) -> Manifest:
+    """Shards of `rows` ImageNet-sized JPEGs: PHOTO_VARIANTS different 500×375 (or 375×500) quality-90 crops of
+    the sample photos, cycled (the loader's memory depends on the bytes per image, not on their variety)."""
+    rng = np.random.default_rng(seed)
+    photos = sample_photos()
+    encoded = []
+    for i in range(PHOTO_VARIANTS):
+        w, h = photo_size(i)
+        if photos:
+            photo = photos[i % len(photos)]
+            scale = rng.uniform(0.6, 1.0)
+            cw, ch = int(photo.width * scale), int(photo.height * scale)
+            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+            image = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR)
+        else:
+            image = _generated(rng, h, w)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, "train", SHARD_SIZE)
+    for row in range(rows):
+        writer.write(f"{row:08d}", encoded[row % PHOTO_VARIANTS], "jpg", row % 2)
+    manifest = make_manifest(writer.finish(), ["a", "b"], "bench:photos-imagenet-size", "train")
+    write_manifest(out, manifest)
+    return manifest
+
+
+def write_synthetic_store(url: Path, shards: Path, chunk_rows: int, codec: str = "fp16", seed: int = 0) -> Path:
+    """A one-view store of ViT-B shape for `shards`: random targets (one chunk's worth, written to every task),
+    real view boxes. Enough for stage 2's loader, which never looks at what the targets mean."""
+    manifest = load_manifest(shards)
+    t = VIT_B_TARGETS
+    spec = StoreSpec(views=1, rows=manifest.total_rows, patches=t["patches"], dim=t["dim"], heads=t["heads"],
+                     k=t["k"], chunk_rows=chunk_rows, codec=codec)
+    attrs = {"base_model": {"source": "synthetic ViT-B/16", "input_size": t["img_size"]},
+             "views": {"count": 1, **view_constants(t["img_size"], seed)},
+             "data": {"fingerprint": manifest.fingerprint, "rows": manifest.total_rows}}
+    store = TargetStore.create_or_resume(url, spec, attrs)
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((chunk_rows, t["patches"], t["dim"]), dtype=np.float32)
+    attention = rng.standard_normal((chunk_rows, 1 + t["k"], t["heads"], t["patches"]), dtype=np.float32)
+    topk = np.stack([rng.choice(t["patches"], t["k"], replace=False) for _ in range(chunk_rows)])
+    for task in store.tasks():
+        n = task.rows
+        boxes = np.stack([sample_view(seed, row, 0, *photo_size(row)).as_array()
+                          for row in range(task.row_start, task.row_stop)])
+        store.write_task(task, features[:n], attention[:n], topk[:n], boxes, np.ones(n, dtype=bool))
+    return url

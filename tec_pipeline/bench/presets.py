@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tec_pipeline.data.loader import DEFAULT_SHUFFLE_BUFFER
 from tec_pipeline.errors import UserError
 
 
@@ -42,6 +43,12 @@ class BenchPreset:
     masks: tuple[int, ...] = (1, 2, 4)
     quick_arch: str | None = None  # a cheaper model for --quick (None: the same)
     host_path_images: int = 256  # ImageNet-sized JPEGs of the host-path cost (stand-in ViT-B, every preset)
+    # loader-worker memory at ViT-B shapes (bench/workers.py), the same for every preset: rows of the smaller
+    # store (its 10x is the larger), loader workers, shuffle buffer and chunk rows (the defaults of stages 1, 2)
+    worker_rows: int = 1024
+    worker_loaders: int = 1
+    worker_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    worker_chunk_rows: int = 256
 
     def quick(self) -> BenchPreset:
         """Every comparison at the smallest sizes that still time a whole epoch: checks that everything runs.
@@ -52,7 +59,7 @@ class BenchPreset:
         return dataclasses.replace(self, name=f"{self.name}-quick", arch=self.quick_arch or self.arch,
                                    images=4 * batch, batch=batch, epochs=1, reps=1, chunk_rows=2 * batch,
                                    memory_factor=4, memory_reps=1, attention_batches=self.attention_batches[:1],
-                                   host_path_images=32)
+                                   host_path_images=32, worker_rows=64, worker_buffer=16, worker_chunk_rows=32)
 
 
 PRESETS: dict[str, BenchPreset] = {

@@ -24,6 +24,7 @@ from tec_pipeline.bench.presets import BenchPreset, get_preset
 from tec_pipeline.bench.stage1 import compare_stage1
 from tec_pipeline.bench.stage2 import compare_stage2
 from tec_pipeline.bench.timing import quiet
+from tec_pipeline.bench.workers import compare_worker_memory
 from tec_pipeline.config import require
 from tec_pipeline.devices import available_cores, resolve_device
 from tec_pipeline.errors import UserError
@@ -38,6 +39,7 @@ GOALS = {
     "memory": "10× larger store: peak RSS within 10 %",
     **{f"host_path_{codec}": f"stage-1 host path ≤ {ms} CPU-ms per ViT-B view ({codec})"
        for codec, ms in GOALS_CPU_MS.items()},
+    "worker_memory": "ViT-B, default buffer: ≤ 0.5 GB per loader worker; 10× store within 10 %",
 }
 
 
@@ -55,6 +57,7 @@ def host_info(device: torch.device) -> dict[str, Any]:
 def goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each goal: its statement, the measured value it is judged on, and whether it is met."""
     s2, s1, mem, att = result["stage2"], result["stage1"], result["memory"], result["attention_targets"]
+    wm = result["worker_memory"]
     best = best_codec(result["codecs"])
     values = {
         "stage2": (s2["efficiency"], s2["efficiency"] >= 0.9),
@@ -65,6 +68,7 @@ def goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         **{f"host_path_{codec}": (result["host_path"]["codecs"][codec]["cpu_ms_per_view"],
                                   result["host_path"]["codecs"][codec]["cpu_ms_per_view"] <= ms)
            for codec, ms in GOALS_CPU_MS.items()},
+        "worker_memory": (wm["worker_own_peak_mb_large"], wm["worker_own_peak_mb_large"] <= 500 and wm["ratio"] <= 1.10),
     }
     return {name: {"goal": GOALS[name], "value": value, "met": bool(met)} for name, (value, met) in values.items()}
 
@@ -96,6 +100,8 @@ def _measure(preset: BenchPreset, device: torch.device, work: Path) -> dict[str,
     section("stage2")
     out["memory"] = compare_memory(data, preset, device, store, large_store, work)
     section("memory")
+    out["worker_memory"] = compare_worker_memory(preset, work)
+    section("worker_memory")
     return out
 
 
@@ -200,6 +206,11 @@ def markdown_table(result: dict[str, Any]) -> str:
          f"{mem['rss_small_mb']:.0f} → {mem['rss_large_mb']:.0f} MB = {mem['ratio']:.2f} (above the "
          f"{mem['rss_imports_mb']:.0f} MB of imports: {mem['working_set_small_mb']:.0f} → {mem['working_set_large_mb']:.0f} MB)",
          GOALS["memory"], _yes(g["memory"]["met"])),
+        _worker_row(result),
+        ("stage 2: loader wait, epoch start vs rest",
+         f"first {s2['epoch_start_wait']['first_steps']} steps of each epoch "
+         f"{s2['epoch_start_wait']['first_steps_wait']:.3f} vs other steps {s2['epoch_start_wait']['other_steps_wait']:.3f}"
+         " of the step time (cached)", "(reported)", "–"),
         ("masks per view", masks, "(reported)", "–"),
         *[(f"stage-1 host path, {codec} (stand-in ViT-B, {hp['images']} JPEGs 500×375, V=2)",
            f"{f['cpu_ms_per_view']:.2f} CPU-ms/view, {f['views_s']:.0f} views/s", GOALS.get(f"host_path_{codec}",
@@ -210,6 +221,16 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| figure | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def _worker_row(result: dict[str, Any]) -> tuple[str, str, str, str]:
+    wm = result["worker_memory"]
+    factor = wm["rows_large"] // wm["rows_small"]
+    return (f"stage-2 loader worker, ViT-B, {factor}× store",
+            f"adds {wm['worker_own_peak_mb_small']:.0f} → {wm['worker_own_peak_mb_large']:.0f} MB = {wm['ratio']:.2f} "
+            f"(buffer {wm['shuffle_buffer']} rows, batch {wm['batch']}; formula {wm['predicted_own_mb']:.0f} MB; "
+            f"VmHWM {wm['worker_peak_mb_large']:.0f} MB with {wm['worker_start_mb_large']:.0f} MB shared at fork)",
+            GOALS["worker_memory"], _yes(result["goals"]["worker_memory"]["met"]))
 
 
 def codec_table(result: dict[str, Any]) -> str:

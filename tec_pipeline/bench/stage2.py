@@ -1,12 +1,13 @@
 """Stage 2, cached vs online: `tec pretrain` itself (`run_pretrain`), timed step by step.
 
-Each run is a real `run_pretrain` (same loader, same `_Step`, same optimiser step) in a fresh run directory;
-its metrics.csv gives every step's wall time, loader wait included. The first epoch is a warm-up. Two figures
-per run, over the following `preset.epochs` epochs:
-- steady state: every step but each epoch's first. That first step waits for the loader to start, and when an
-  epoch has fewer rows than the 2000-row shuffle buffer (as here) for the whole epoch to be read and decoded,
-  since its first batch draws rows from all of it; with real data sets that wait is a few seconds per epoch.
-- whole epochs: all steps, that wait included.
+Each run is a real `run_pretrain` (same loader, same `_Step`, same optimiser step) in a fresh run directory,
+with a metrics row per step (--log-every 1) so metrics.csv gives every step's wall time, loader wait included.
+The first epoch is a warm-up. Two figures per run, over the following `preset.epochs` epochs:
+- steady state: every step but each epoch's first.
+- whole epochs: all steps.
+The loader's workers live for the whole run and stream epoch after epoch, so an epoch's first steps should
+wait no longer than the rest: `epoch_start_wait` is the loader-wait fraction of each timed epoch's first
+min(20, steps/2) steps, beside that of its other steps.
 The base model's share f of an online step is measured inside the step: `stored_targets`, which `_Step` calls
 for the targets, is wrapped by a clock (synchronised on CUDA) for the duration of the run.
 """
@@ -46,6 +47,9 @@ class RunFigures:
 class RunResult:
     steady: RunFigures  # each epoch's first step left out
     epoch: RunFigures  # whole epochs
+    start_wait: float = 0.0  # loader-wait fraction of each timed epoch's first `start_steps` steps
+    rest_wait: float = 0.0  # ... and of its other steps
+    start_steps: int = 0
 
 
 @contextlib.contextmanager
@@ -91,8 +95,18 @@ def run_figures(metrics_csv: Path, teacher_s: list[float], per_epoch: int, batch
     def pick(values: list[float], indices: Iterable[int]) -> list[float]:
         return [values[i] for i in indices]
 
+    first = min(20, per_epoch // 2)
+    start = [i for i in timed if i % per_epoch < first]
+    rest = [i for i in timed if i % per_epoch >= first]
     return RunResult(_figures(pick(step_s, steady), pick(wait, steady), pick(teacher, steady), batch),
-                     _figures(pick(step_s, timed), pick(wait, timed), pick(teacher, timed), batch))
+                     _figures(pick(step_s, timed), pick(wait, timed), pick(teacher, timed), batch),
+                     _wait_share(pick(step_s, start), pick(wait, start)),
+                     _wait_share(pick(step_s, rest), pick(wait, rest)), first)
+
+
+def _wait_share(step_s: list[float], wait: list[float]) -> float:
+    """Seconds waited for the loader over seconds of the steps."""
+    return sum(w * s for w, s in zip(wait, step_s, strict=True)) / max(sum(step_s), 1e-12)
 
 
 def pretrain_run(data: BenchData, preset: BenchPreset, device: str, out: Path, store: Path | None = None,
@@ -103,7 +117,7 @@ def pretrain_run(data: BenchData, preset: BenchPreset, device: str, out: Path, s
         shards=str(data.shards), out=str(out), targets=None if store is None else str(store),
         base_model=str(data.base_model) if store is None else None, epochs=1 + preset.epochs, batch_size=preset.batch,
         warmup_epochs=0.0, topk=preset.topk, last_layers=preset.last_layers, masks_per_view=masks_per_view,
-        workers=preset.loader_workers, resume=False, device=device)
+        workers=preset.loader_workers, resume=False, device=device, log_every=1)
     try:
         with teacher_clock(device) as teacher_s:
             pretrain.run_pretrain(cfg)
@@ -131,6 +145,12 @@ def summarise(cached: list[RunFigures], online: list[RunFigures]) -> dict[str, A
             "cached_img_s_runs": [r.img_s for r in cached], "online_img_s_runs": [r.img_s for r in online]}
 
 
+def _start_wait(runs: list[RunResult]) -> dict[str, float]:
+    """Medians over repetitions of the wait fractions of each epoch's first steps and of the rest."""
+    return {"first_steps": runs[0].start_steps, "first_steps_wait": median([r.start_wait for r in runs]),
+            "other_steps_wait": median([r.rest_wait for r in runs])}
+
+
 def compare_stage2(data: BenchData, preset: BenchPreset, device: str, store: Path, work: Path) -> dict[str, Any]:
     """Cached vs online step throughput and M masks per view, all interleaved, preset.reps times.
 
@@ -144,7 +164,7 @@ def compare_stage2(data: BenchData, preset: BenchPreset, device: str, store: Pat
     stage2 = {**summarise([r.steady for r in cached], [r.steady for r in online]),
               "whole_epoch": summarise([r.epoch for r in cached], [r.epoch for r in online]),
               "batch": preset.batch, "loader_workers": preset.loader_workers, "epochs_timed": preset.epochs,
-              "reps": preset.reps}
+              "reps": preset.reps, "epoch_start_wait": _start_wait(cached)}
     per_view = target_bytes_per_view(store)
     multimask = {}
     for m in preset.masks:

@@ -236,11 +236,17 @@ def _to_sample(row: int, key: str, fields: dict[str, bytes]) -> Sample:
     return Sample(row, key, image, label)
 
 
-def iter_shard_rows(directory: Path, shard: ShardInfo, start: int, stop: int,
-                    wanted: set[int] | None = None) -> Iterator[Sample]:
-    """Samples of rows [start, stop) of one shard, in order; a missing tail (truncated tar) yields image=None.
+def decode_fields(row: int, key: str | None, fields: dict[str, bytes] | None) -> Sample:
+    """The Sample of one shard record from `iter_shard_fields` (image None when absent or undecodable)."""
+    return Sample(row, key, None, None) if fields is None or key is None else _to_sample(row, key, fields)
 
-    Rows not in `wanted` (when given) are yielded without decoding, so callers can skip them cheaply.
+
+def iter_shard_fields(directory: Path, shard: ShardInfo, start: int, stop: int, wanted: set[int] | None = None
+                      ) -> Iterator[tuple[int, str | None, dict[str, bytes] | None]]:
+    """(row, key, encoded fields) of rows [start, stop) of one shard, in order, nothing decoded.
+
+    Rows not in `wanted` (when given) come without their data (fields None); a missing tail (truncated tar)
+    comes as (row, None, None).
     """
     first, end = shard.first_row, min(stop, shard.first_row + shard.count)
 
@@ -252,10 +258,20 @@ def iter_shard_rows(directory: Path, shard: ShardInfo, start: int, stop: int,
         if row >= end:
             return
         if row >= start:
-            yield Sample(row, key, None, None) if fields is None else _to_sample(row, key, fields)
+            yield row, key, fields
         row += 1
     for missing in range(max(row, start), end):
-        yield Sample(missing, None, None, None)
+        yield missing, None, None
+
+
+def iter_shard_rows(directory: Path, shard: ShardInfo, start: int, stop: int,
+                    wanted: set[int] | None = None) -> Iterator[Sample]:
+    """Samples of rows [start, stop) of one shard, in order; a missing tail (truncated tar) yields image=None.
+
+    Rows not in `wanted` (when given) are yielded without decoding, so callers can skip them cheaply.
+    """
+    for row, key, fields in iter_shard_fields(directory, shard, start, stop, wanted):
+        yield Sample(row, key, None, None) if fields is None else decode_fields(row, key, fields)
 
 
 def iter_samples(directory: str | os.PathLike[str], start_row: int = 0, stop_row: int | None = None,

@@ -76,6 +76,7 @@ class FinetuneConfig:
     overwrite: bool = False  # --out holds another run: clear it first
     init_from: str | None = None  # a new run from this checkpoint's weights (train.run_dir)
     init_optimizer: bool = False  # ... and its optimizer state
+    amp: str = "auto"  # auto | bf16 | fp16 (GradScaler) | none, as `LoopConfig.amp`
 
 
 def loop_config(cfg: FinetuneConfig) -> LoopConfig:
@@ -83,7 +84,7 @@ def loop_config(cfg: FinetuneConfig) -> LoopConfig:
     return LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, accum=cfg.accum, blr=cfg.blr, min_lr=cfg.min_lr,
                       warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                       layer_decay=cfg.layer_decay, clip_grad=cfg.clip_grad, save_every=cfg.save_every,
-                      seed=cfg.seed, resume=cfg.resume, loader_workers=cfg.workers)
+                      seed=cfg.seed, resume=cfg.resume, loader_workers=cfg.workers, amp=cfg.amp)
 
 
 def build_classifier(encoder: EncoderCheckpoint, classes: int, drop_path: float = 0.0) -> VisionTransformer:

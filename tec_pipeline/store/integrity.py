@@ -5,9 +5,11 @@ values).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,11 +84,12 @@ def require_readable_flags(url: str) -> None:
                         "those tasks")
 
 
-def read_rows_or_explain(store: TargetStore, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    """`store.read_rows`, with a chunk that fails to decode (checksum, truncation, missing object) reported as a
-    UserError naming the chunk and the repair, instead of a codec traceback deep inside a loader."""
+@contextlib.contextmanager
+def damage_explained(store: TargetStore, view: int, start: int, stop: int) -> Iterator[None]:
+    """Reading rows [start, stop) of `view`: a chunk that fails to decode (checksum, truncation, missing object)
+    becomes a UserError naming the chunk and the repair, instead of a codec traceback deep inside a loader."""
     try:
-        return store.read_rows(view, start, stop)
+        yield
     except Exception as e:  # noqa: BLE001 — any decode failure of stored bytes means damage
         detail = str(e).splitlines()[0][:120] if str(e) else ""
         raise UserError(f"target store {store.url}: the chunk of view {view} rows {start}-{stop} does not decode "

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tec_pipeline.devices import resolve_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -30,22 +32,27 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo otherwise (the CPU path, also on a machine that has GPUs)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Join the process group described by torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); return (rank, world).
 
-    Without WORLD_SIZE > 1 nothing is initialised and (0, 1) is returned. NCCL when CUDA is available (each
-    process pinned to cuda:LOCAL_RANK, so ranks never share GPU 0), gloo on CPU. Idempotent.
+    Without WORLD_SIZE > 1 nothing is initialised and (0, 1) is returned. The backend follows `device` (the
+    `--device` value, resolved as the training loop resolves it): NCCL on CUDA, each process pinned to
+    cuda:LOCAL_RANK so ranks never share GPU 0; gloo on CPU. Idempotent.
     """
     if is_distributed():
         return get_rank(), get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    dist.init_process_group(backend=backend_for(resolved), timeout=datetime.timedelta(minutes=timeout_minutes))
     return get_rank(), get_world_size()
 
 

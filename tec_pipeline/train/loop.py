@@ -14,7 +14,9 @@ Contract
 - A micro-batch is a tensor, or a dict/list/tuple of them (moved to the device recursively).
 - `step_fn(model, batch) -> dict[str, Tensor]` (default: `model(batch)`) must call the model it is given (the
   DDP wrapper when distributed) and return 'loss' plus any other 0-d terms ('loss_fea', ...); every 0-d entry is
-  logged (averaged over ranks and over the micro-batches of an optimizer step), other entries are ignored.
+  logged (averaged over ranks, over the micro-batches of an optimizer step and over the `log_every` steps of a
+  metrics row), other entries are ignored. Terms stay on the device between rows (`train.step.LossWindow`):
+  no host sync per micro-batch; a non-finite loss is caught at the next row, before any checkpoint.
 - Optimizer steps happen every `accum` micro-batches; an epoch's last group may be shorter (its loss is divided
   by its own size). The lr follows `schedule.lr_at` per optimizer step.
 - Checkpoints (RUN/checkpoint.pth, always the latest; RUN/checkpoint-<epoch>.pth at epoch ends, the newest
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,18 +57,15 @@ from tec_pipeline.train.schedule import (
     lr_at_step,
     optimizer_steps_per_epoch,
 )
+from tec_pipeline.train.step import LossWindow, NonFiniteLossError, StepFn, optimizer_step, to_device
 
 log = logging.getLogger(__name__)
 
 Batch = Any
-StepFn = Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
+__all__ = ["LoopConfig", "NonFiniteLossError", "TrainResult", "amp_dtype", "run_training", "to_device"]
 AMP_POLICIES = ("auto", "bf16", "fp16", "none")
 RESERVED_KEYS = frozenset({"model", "optimizer", "scaler", "schedule", "data_position", "rng", "config", "loop",
                            "version"})
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; training stopped without checkpointing the bad state."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +90,7 @@ class LoopConfig:
     resume: bool = True  # continue from RUN/checkpoint.pth when it exists
     device: str = "auto"  # auto = cuda:LOCAL_RANK if available, else cpu
     loader_workers: int = 0  # on CPU the model then computes on the cores the loader processes leave
+    log_every: int = 1  # optimizer steps per loss reduction (one host sync) and metrics row; see train.step
 
     def __post_init__(self) -> None:
         # messages name the command-line flags, since that is where these values come from
@@ -104,6 +102,7 @@ class LoopConfig:
         require(self.clip_grad is None or self.clip_grad > 0, f"--clip-grad must be > 0, got {self.clip_grad}")
         require(self.layer_decay is None or 0 < self.layer_decay <= 1,
                 f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
         require(self.amp in AMP_POLICIES, f"--amp must be one of {', '.join(AMP_POLICIES)}, got {self.amp!r}")
 
 
@@ -129,17 +128,6 @@ def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
             raise UserError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
         return torch.float16
     raise UserError(f"unknown amp policy {policy!r}; choose one of {', '.join(AMP_POLICIES)}")
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move every tensor inside `batch` (tensor, dict, list or tuple) to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def _default_step(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -209,64 +197,6 @@ def _restore(run: _Run, path: Path) -> dict[str, int]:
     return {"epoch": int(pos["epoch"]), "batch": int(pos["batch"])}
 
 
-def _loss_terms(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not isinstance(out, dict) or "loss" not in out:
-        raise TypeError("the training step must return a dict with a 'loss' entry")
-    return {k: v.detach().float() for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
-
-
-def _non_finite_message(loss: float, epoch: int, step: int, run_dir: Path) -> str:
-    latest = run_dir / ckpt_io.LATEST
-    last_good = str(latest) if latest.exists() else "none written yet"
-    # only flags every training command has (tec pretrain has no --clip-grad); a resume keeps the settings, so
-    # new ones mean a new run: from scratch, or from the last good weights
-    return (f"loss became {loss} at epoch {epoch} step {step}; last good checkpoint: {last_good} — lower --blr "
-            "or lengthen --warmup-epochs and start over with --overwrite, or continue from that checkpoint with "
-            "--init-from it and a new --out")
-
-
-def _optimizer_step(run: _Run, it: Iterator[Batch], group: int, step_fn: StepFn, epoch: int,
-                    run_dir: Path) -> dict[str, float]:
-    """Run `group` micro-batches and one optimizer step; returns the averaged terms and timings."""
-    lr = lr_at_step(run.step, run.steps_per_epoch, run.lr, run.cfg.min_lr, run.cfg.warmup_epochs, run.cfg.epochs)
-    apply_lr(run.optimizer, lr)
-    totals: dict[str, float] = {}
-    wait = 0.0
-    start = time.perf_counter()
-    for j in range(group):
-        t0 = time.perf_counter()
-        with ckpt_io.preserved_rng():
-            batch = next(it, None)
-        if batch is None:
-            raise RuntimeError(f"the loader ran out of micro-batches in epoch {epoch}; every rank must yield "
-                               f"{run.micro_per_epoch} per epoch")
-        batch = to_device(batch, run.device)
-        wait += time.perf_counter() - t0
-        last = j == group - 1
-        sync = contextlib.nullcontext() if last or run.wrapped is run.model else run.wrapped.no_sync()
-        with sync:
-            with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-                out = step_fn(run.wrapped, batch)
-            terms = _loss_terms(out)
-            # averaged over ranks before the check, so every rank stops together instead of hanging in DDP
-            values = tdist.all_reduce_mean(torch.stack(list(terms.values()))).tolist()
-            loss_value = values[list(terms).index("loss")]
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(_non_finite_message(loss_value, epoch, run.step, run_dir))
-            run.scaler.scale(out["loss"] / group).backward()
-        for k, v in zip(terms, values, strict=True):
-            totals[k] = totals.get(k, 0.0) + v / group
-    if run.cfg.clip_grad is not None:
-        run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    return {"lr": lr, **totals, "img_per_s": group * run.cfg.batch_size * run.world / elapsed, "data_wait": wait / elapsed}
-
-
 def _run_epoch(run: _Run, batches: Callable[[int, int], Iterable[Batch]], epoch: int, start_batch: int,
                step_fn: StepFn, metrics: MetricsLogger, save: Callable[[int, int, bool], None],
                epoch_log: EpochLog) -> None:
@@ -276,17 +206,32 @@ def _run_epoch(run: _Run, batches: Callable[[int, int], Iterable[Batch]], epoch:
         it = iter(source)
     bar = tqdm(total=micro, initial=start_batch, desc=f"epoch {epoch}", disable=not progress_enabled(run.rank == 0),
                dynamic_ncols=True, leave=False)
+    window = LossWindow()
+
+    def flush(batch_index: int) -> None:  # the only host sync of the loss terms: before every save, at log steps
+        nonlocal window
+        row = window.reduce(run.step, run.run_dir)
+        window = LossWindow()
+        if row is not None:
+            run.last_metrics = {"step": run.step, "epoch": epoch + batch_index / micro, **row}
+            metrics.log(run.last_metrics)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+
     try:
         batch_index = start_batch
         while batch_index < micro:
             group = min(accum, micro - batch_index)
-            row = _optimizer_step(run, it, group, step_fn, epoch, run.run_dir)
+            lr = lr_at_step(run.step, run.steps_per_epoch, run.lr, run.cfg.min_lr, run.cfg.warmup_epochs,
+                            run.cfg.epochs)
+            apply_lr(run.optimizer, lr)
+            terms, wait = optimizer_step(run, it, group, step_fn, epoch)
+            window.add(terms, epoch, lr, group * run.cfg.batch_size * run.world, wait)
             batch_index += group
-            run.last_metrics = {"step": run.step, "epoch": epoch + batch_index / micro, **row}
-            metrics.log(run.last_metrics)
             bar.update(group)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            if run.cfg.save_every and run.step % run.cfg.save_every == 0 and batch_index < micro:
+            saving = bool(run.cfg.save_every and run.step % run.cfg.save_every == 0 and batch_index < micro)
+            if saving or run.step % run.cfg.log_every == 0 or batch_index == micro:
+                flush(batch_index)
+            if saving:
                 save(epoch, batch_index, False)
     finally:
         bar.close()

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from tec_pipeline.config import require
-from tec_pipeline.data.cached import TARGET_KEYS, CachedViews
-from tec_pipeline.data.loader import FreshViews, normalized, steps_per_epoch, stream_epoch
+from tec_pipeline.data.cached import TARGET_KEYS
+from tec_pipeline.data.epochs import VIEW_POLICIES, EpochItems, StreamSpec, TrainingBatches, valid_masks
+from tec_pipeline.data.loader import DEFAULT_SHUFFLE_BUFFER, steps_per_epoch, valid_rows_per_unit
 from tec_pipeline.data.shards import Manifest, load_manifest
 from tec_pipeline.data.views import replay_mismatch
 from tec_pipeline.errors import UserError
@@ -29,11 +30,10 @@ from tec_pipeline.models.vit import ViTArch, at_input_size, plain_arch, resolve_
 from tec_pipeline.store.integrity import store_fingerprint
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train import distributed as tdist
-from tec_pipeline.train.loop import LoopConfig, TrainResult, run_training
+from tec_pipeline.train.loop import AMP_POLICIES, LoopConfig, TrainResult, run_training
 from tec_pipeline.train.run_dir import run_spec
 
 log = logging.getLogger(__name__)
-VIEW_POLICIES = ("cycle", "first")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,11 @@ class PretrainConfig:
     views: int | None = None  # use only the store's first N views (default: all V)
     masks_per_view: int = 1
     workers: int = 0
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows per loader worker, held in compact form
     seed: int = 0
+    view_seed: int | None = None  # online: views drawn with it (default --seed); cached: must be the store's
+    log_every: int = 10  # optimizer steps between loss reductions (one host sync each) and metrics rows
+    amp: str = "auto"
     save_every: int = 0
     resume: bool = True
     overwrite: bool = False  # --out holds another run: clear it first
@@ -113,6 +117,21 @@ def _validate(cfg: PretrainConfig) -> None:
     require(cfg.att_tau > 0, f"--att-tau must be > 0, got {cfg.att_tau}")
     require(cfg.blr > 0, f"--blr must be > 0, got {cfg.blr}")
     require(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    require(cfg.shuffle_buffer >= 1, f"--shuffle-buffer must be >= 1, got {cfg.shuffle_buffer}")
+    require(cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}")
+    require(cfg.amp in AMP_POLICIES, f"--amp must be one of {', '.join(AMP_POLICIES)}, got {cfg.amp!r}")
+
+
+def view_seed(cfg: PretrainConfig, store: TargetStore | None) -> int:
+    """The seed the run's views come from: the store's (cached; a different --view-seed is refused) or
+    --view-seed, by default --seed (online)."""
+    if store is None:
+        return cfg.seed if cfg.view_seed is None else cfg.view_seed
+    stored = int(store.attrs["views"]["seed"])
+    require(cfg.view_seed is None or cfg.view_seed == stored,
+            f"--view-seed {cfg.view_seed} differs from the view seed {stored} of {cfg.targets}: cached mode replays "
+            "the store's views; drop --view-seed, or pass the store's to compare with an online run")
+    return stored
 
 
 class _Step:
@@ -157,7 +176,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Check everything, then train; raises UserError before any step when the inputs do not fit together."""
     _validate(cfg)
     manifest = load_manifest(cfg.shards)
-    rank, world = tdist.init_distributed()
+    rank, world = tdist.init_distributed(cfg.device)
     base, store = None, None
     content = {"shards": manifest.fingerprint}  # the run's identity records inputs by content (train.run_dir)
     if cfg.targets is not None:
@@ -180,30 +199,37 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         require(arch.num_patches == ckpt.arch.num_patches, f"the student {arch.name} has {arch.num_patches} "
                 f"patches, the base model {ckpt.arch.num_patches}: the patch grids must agree")
         require(k <= arch.num_patches, f"--topk {k} exceeds the {arch.num_patches} patches")
-        rows, last_layers, views = manifest.total_rows, cfg.last_layers, None
+        rows, last_layers, views = manifest.total_rows, cfg.last_layers, 1
     rows = rows if cfg.limit is None else min(rows, cfg.limit)
+    seed_of_views = view_seed(cfg, store)
     torch.manual_seed(cfg.seed)  # the student's initialisation is part of the run's identity (exact resume)
     model = TECStudent(arch, k=k, mask_ratio=cfg.mask_ratio, mlp_token=cfg.mlp_token, pred_att=cfg.pred_att,
                        att_tau=cfg.att_tau, pred_dim=pred[0], pred_heads=pred[1])
-    steps = steps_per_epoch(cfg.shards, cfg.batch_size, world, cfg.workers, rows, manifest)
-
-    def batches(epoch: int, start_batch: int) -> Any:
-        if store is not None:
-            view = epoch % views if cfg.view_policy == "cycle" else 0
-            item_fn: Any = CachedViews(cfg.targets, view, arch.img_size)
-        else:
-            item_fn = FreshViews(arch.img_size, cfg.seed, epoch)
-        return normalized(stream_epoch(cfg.shards, item_fn, cfg.batch_size, cfg.seed, epoch, start_batch,
-                                       tdist.get_rank(), tdist.get_world_size(), cfg.workers, rows, manifest))
-
+    items = EpochItems(arch.img_size, seed_of_views, cfg.targets, views, cfg.view_policy)
+    spec = _stream_spec(cfg, manifest, items, rows, rank, world)
+    steps = steps_per_epoch(cfg.shards, cfg.batch_size, world, cfg.workers, rows, manifest, spec.valid_per_unit)
     loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, accum=cfg.accum, blr=cfg.blr,
                       min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay,
                       save_every=cfg.save_every, seed=cfg.seed, resume=cfg.resume, device=cfg.device,
-                      deterministic=cfg.deterministic, loader_workers=cfg.workers)
+                      deterministic=cfg.deterministic, loader_workers=cfg.workers, amp=cfg.amp,
+                      log_every=cfg.log_every)
     extra = {"arch": arch.to_dict(), "kind": "tec", "mode": "cached" if store is not None else "online",
-             "prediction": {"dim": pred[0], "heads": pred[1]}}
-    log.info("TEC %s pretraining of %s: %d rows, k=%d, %d micro-batches/epoch on rank %d of %d",
-             extra["mode"], arch.name, rows, k, steps, rank, world)
+             "prediction": {"dim": pred[0], "heads": pred[1]}, "view_seed": seed_of_views}
+    log.info("TEC %s pretraining of %s: %d rows, k=%d, view seed %d, %d micro-batches/epoch on rank %d of %d",
+             extra["mode"], arch.name, rows, k, seed_of_views, steps, rank, world)
     step = _Step(cfg.masks_per_view, base, k, last_layers)
-    return run_training(model, batches, steps, loop, cfg.out, extra, step_fn=step, run_config=cfg,
-                        run_spec=run_spec(cfg, content))
+    batches = TrainingBatches(spec, steps)
+    try:
+        return run_training(model, batches, steps, loop, cfg.out, extra, step_fn=step, run_config=cfg,
+                            run_spec=run_spec(cfg, content))
+    finally:
+        batches.close()
+
+
+def _stream_spec(cfg: PretrainConfig, manifest: Manifest, items: EpochItems, rows: int, rank: int,
+                 world: int) -> StreamSpec:
+    """The run's loader settings; cached mode cuts every epoch into pieces of equally many valid rows."""
+    masks = valid_masks(items, cfg.epochs)
+    per_unit = None if masks is None else valid_rows_per_unit(list(masks.values()), rows, world * max(cfg.workers, 1))
+    return StreamSpec(cfg.shards, manifest, items, cfg.batch_size, cfg.seed, cfg.epochs, rank, world, cfg.workers,
+                      rows, cfg.shuffle_buffer, per_unit)
