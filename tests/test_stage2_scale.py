@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
-from tec_pipeline.stage1 import CacheConfig, cache_targets
 
 from tec_pipeline.data.loader import plan_epoch
 from tec_pipeline.data.shards import load_manifest
+from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tests.conftest import needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
