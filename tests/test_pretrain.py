@@ -24,7 +24,13 @@ from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.store.cache import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train.pretrain import store_mismatches
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process, tensorboard_scalars
+from tests.conftest import (
+    assert_one_line_error,
+    needs_fashion_mnist,
+    run_tec,
+    tec_in_process,
+    tensorboard_scalars,
+)
 
 pytestmark = needs_fashion_mnist
 K = 4
