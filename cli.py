@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from tec_pipeline.errors import UserError
+from tec_pipeline.errors import UserError, user_message
 from tec_pipeline.logs import configure_logging
+from tec_pipeline.outputs import WRITE_ERRNOS, write_failure
 
 # Commands in pipeline order, grouped as `tec --help` shows them: data → base model → stage 1 → stage 2 →
 # export and evaluation → measurement. Values: "module[:attribute]" (default attribute `command`).
@@ -111,7 +112,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except UserError as e:
-        click.echo(f"Error: {_one_line(str(e))}", err=True)
+        click.echo(f"Error: {_one_line(user_message(e))}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:  # a write the destination refused is the user's to fix; others are bugs
+            raise
+        click.echo(f"Error: {_one_line(str(write_failure(e, 'the output', 'output written before it is kept')))}",
+                   err=True)
         sys.exit(2)
     except click.Abort:
         click.echo("Aborted.", err=True)

@@ -1,7 +1,7 @@
 # `make reproduce`: the whole pipeline on the embedded default (Fashion-MNIST), with a report.
 #
 #   shards -> MAE base (E1 epochs) -> cache-targets (V views) -> TEC student from the cache (E2 epochs)
-#          -> the same student online -> control: MAE continued to E1+E2 epochs -> convert
+#          -> the same student online -> control: E2 more MAE epochs from the base (--init-from) -> convert
 #          -> linear probe + kNN of every arm (and of a random-init encoder, the floor) -> report.md
 #
 # Every step is a file target, so an interrupted `make reproduce` continues where it stopped (and each tec
@@ -69,10 +69,10 @@ $(R)/tec-online/done: $(R)/base.pth
 	$(call timed,tec-online,$(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(R)/tec-online --epochs $(E2) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS))
 	touch $@
 
-# The control continues the base model's own run (same optimizer state) for E2 more epochs.
+# The control: E2 more MAE epochs from the base model's weights and optimizer state, as a new run with its own
+# schedule (warm-up, cosine over E2 epochs) -- the same budget of training epochs as each TEC student.
 $(R)/mae-control/done: $(R)/base.pth
-	rm -rf $(R)/mae-control && cp -r $(R)/mae $(R)/mae-control
-	$(call timed,mae-control,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae-control --model $(REPRO_ARCH) --epochs $$(($(E1) + $(E2))) $(TRAIN_OPTS))
+	$(call timed,mae-control,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae-control --model $(REPRO_ARCH) --epochs $(E2) --init-from $(R)/base.pth --init-optimizer $(TRAIN_OPTS))
 	touch $@
 
 $(R)/encoders/base.safetensors: $(R)/base.pth

@@ -6,7 +6,9 @@ import click
 
 from stages.common import show_progress
 from tec_pipeline.config import config_option, from_options
+from tec_pipeline.outputs import require_writable, write_errors
 from tec_pipeline.store.cache import CacheConfig, cache_targets
+from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
 
 
 @click.command("cache-targets")
@@ -27,9 +29,18 @@ from tec_pipeline.store.cache import CacheConfig, cache_targets
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler (multi-node).")
 @click.option("--loader-workers", default=1, show_default=True, type=int, help="In-process: decode processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def command(**options: object) -> None:
+@click.option("--repair", is_flag=True, help="Recompute the done tasks whose chunks are missing or do not decode.")
+def command(repair: bool, **options: object) -> None:
     """Compute the base model's enhanced targets once and write them (with each view's box) to a store."""
     cfg = from_options(CacheConfig, options)
-    summary = cache_targets(cfg, progress=show_progress())
+    require_writable(cfg.out)
+    if not repair:
+        require_readable_flags(cfg.out)
+    else:
+        damaged = reset_damaged_tasks(cfg.out)
+        named = ", ".join(f"view {t.view} task {t.index}" for t in damaged[:20]) + (", ..." if len(damaged) > 20 else "")
+        click.echo(f"repair: {len(damaged)} damaged task(s) to recompute" + (f": {named}" if damaged else ""))
+    with write_errors(cfg.out, "finished tasks are kept — free space and rerun the same command to continue"):
+        summary = cache_targets(cfg, progress=show_progress())
     click.echo(f"{summary['tasks_run']} of {summary['tasks_total']} tasks computed ({summary['images']} images, "
                f"{summary['img_s']:.0f} img/s) -> {cfg.out}")

@@ -21,5 +21,8 @@ def command(checkpoint: str, out: str, arch: str | None) -> None:
     strictly with timm.create_model(timm_name, num_classes=0, **timm_kwargs) from the file's own metadata.
     """
     from tec_pipeline.models.convert import convert_checkpoint
+    from tec_pipeline.outputs import require_writable, write_errors
 
-    convert_checkpoint(checkpoint, out, arch)  # logs what it read and what it wrote
+    require_writable(out)
+    with write_errors(out, "nothing was replaced (the file is written to a temporary name first)"):
+        convert_checkpoint(checkpoint, out, arch)  # logs what it read and what it wrote

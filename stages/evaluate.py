@@ -10,8 +10,10 @@ from typing import Any
 
 import click
 
+from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.eval.report import evaluation_record, write_json
+from tec_pipeline.outputs import require_writable
 
 _COMMON = (
     click.option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, timm, safetensors)."),
@@ -47,6 +49,8 @@ def _frozen(method: str, options: dict[str, Any]) -> None:
     from tec_pipeline.eval.frozen import FrozenEvalConfig, evaluate_frozen
 
     cfg = from_options(FrozenEvalConfig, options)
+    if cfg.json:
+        require_writable(cfg.json, "--json")  # before the features are computed, not after
     _finish(evaluate_frozen(method, cfg), cfg.json)
 
 
@@ -88,6 +92,7 @@ def knn_command(**options: Any) -> None:
 @click.option("--reprob", default=0.25, show_default=True, type=float, help="Random-erasing probability.")
 @click.option("--workers", default=0, show_default=True, type=int, help="Loader worker processes per rank.")
 @click.option("--save-every", default=0, show_default=True, type=int)
+@run_dir_options
 @click.option("--resume/--no-resume", default=True, show_default=True)
 def finetune_command(**options: Any) -> None:
     """Fine-tune the encoder end to end (layer decay, drop path, RandAugment, mixup) and score the test set."""

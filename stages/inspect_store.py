@@ -61,4 +61,7 @@ def verify_command(store: str, shards: str, recompute: int, seed: int, base_arch
         return
     for reason in result["reasons"]:
         click.echo(f"FAIL: {reason}", err=True)
+    if result["repairable"]:
+        click.echo("FIX: rerun the store's `tec cache-targets` command with --repair; it recomputes only the "
+                   "damaged tasks", err=True)
     sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.train.distributed import init_distributed, is_main_process
 from tec_pipeline.train.mae_pretrain import MAEPretrainConfig, pretrain_mae
@@ -33,6 +34,7 @@ from tec_pipeline.train.mae_pretrain import MAEPretrainConfig, pretrain_mae
 @click.option("--limit", default=None, type=int, help="Only the first N images of the shards.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/checkpoint.pth when it exists.")
+@run_dir_options
 @click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
               help="Autocast: auto = bf16 on CUDA, off on CPU.")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels (resume reproduces a run exactly).")

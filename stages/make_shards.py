@@ -10,6 +10,7 @@ from stages.common import show_progress
 from tec_pipeline.config import config_option
 from tec_pipeline.data.shards import index_shards, write_manifest
 from tec_pipeline.data.writing import write_shards
+from tec_pipeline.outputs import require_writable, write_errors
 
 
 @click.command("make-shards")
@@ -23,7 +24,9 @@ from tec_pipeline.data.writing import write_shards
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
 def command(source: str, out: str, split: str, shard_size: int, limit: int | None, seed: int, overwrite: bool) -> None:
     """Write SOURCE (fashion-mnist[:DIR] or imagefolder:DIR) as shuffled WebDataset shards."""
-    manifest = write_shards(source, out, split, shard_size, limit, seed, overwrite, progress=show_progress())
+    require_writable(out)
+    with write_errors(out, "rerun with --overwrite once the destination can take the shards"):
+        manifest = write_shards(source, out, split, shard_size, limit, seed, overwrite, progress=show_progress())
     click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards -> {out}/manifest.json "
                f"(fingerprint {manifest.fingerprint[:12]})")
 
@@ -35,4 +38,5 @@ def index_command(directory: str, class_names: str | None) -> None:
     """Write manifest.json for existing WebDataset shards in DIRECTORY (*.tar in name order)."""
     manifest = index_shards(directory, class_names.split(",") if class_names else None)
     path = write_manifest(Path(directory), manifest)
-    click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards -> {path}")
+    skipped = f", {len(manifest.skipped)} tar samples without an image skipped" if manifest.skipped else ""
+    click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards{skipped} -> {path}")

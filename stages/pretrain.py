@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretrain
 
@@ -35,6 +36,7 @@ from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretr
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N optimizer steps.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint.pth.")
+@run_dir_options
 @click.option("--allow-partial", is_flag=True, help="Train on the finished rows of an unfinished store.")
 @click.option("--limit", default=None, type=int, help="Only the first N rows.")
 @click.option("--device", default="auto", show_default=True)

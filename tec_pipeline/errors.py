@@ -7,3 +7,18 @@ it into one line on stderr and exit code 2 (click's usage-error code), never a t
 
 class UserError(Exception):
     """Bad input from the user (missing file, wrong checkpoint, mismatched store, bad value)."""
+
+
+_WRAPPED_PREFIX = "tec_pipeline.errors.UserError: "
+
+
+def user_message(error: UserError) -> str:
+    """The message of `error`. A UserError raised inside a DataLoader worker reaches the main process re-raised
+    with the worker's traceback as its text ("Caught UserError in DataLoader worker process 0. Original
+    Traceback ..."); the original message is its last line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        for line in reversed(text.splitlines()):
+            if line.startswith(_WRAPPED_PREFIX):
+                return line[len(_WRAPPED_PREFIX):]
+    return text

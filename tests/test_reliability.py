@@ -306,20 +306,32 @@ def test_cache_targets_refuses_a_bad_base_checkpoint_with_the_reason(
 
 def test_non_finite_loss_stops_clearly_and_the_last_checkpoint_resumes(
         reference_store: Path, fmnist_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     latest = run / "checkpoint.pth"
 
-    def pretrain(epochs: int, blr: str) -> None:
+    from tec_pipeline.train import pretrain as stage
+
+    def pretrain() -> None:
         cli.main(["pretrain", "--targets", str(reference_store), "--shards", str(fmnist_shards), "--out",
-                  str(run), "--limit", "128", "--batch-size", "32", "--epochs", str(epochs), "--blr", blr,
+                  str(run), "--limit", "128", "--batch-size", "32", "--epochs", "2", "--blr", "1e-3",
                   "--warmup-epochs", "0.5", "--deterministic"])
 
-    pretrain(1, "1e-3")
-    good = latest.read_bytes()
+    step, calls = stage._Step.__call__, {"n": 0}
+
+    def blows_up_in_epoch_1(self: object, model: torch.nn.Module, batch: dict) -> dict:
+        calls["n"] += 1
+        out = step(self, model, batch)
+        return {**out, "loss": out["loss"] * float("inf")} if calls["n"] == 6 else out  # epoch 1, 2nd step
+
+    monkeypatch.setattr(stage._Step, "__call__", blows_up_in_epoch_1)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        pretrain(2, "1e30")  # resumes at epoch 1; the first absurd step blows the weights up
+        pretrain()
+    monkeypatch.undo()
+    good = (run / "checkpoint-0.pth").read_bytes()  # the epoch-0 copy: what checkpoint.pth must still be
+    assert torch.load(latest, weights_only=True)["data_position"] == {
+        "epoch": 1, "batch": 0, "micro_batches_per_epoch": 4, "world_size": 1}
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert "loss became" in err and f"last good checkpoint: {latest}" in err, err
@@ -328,7 +340,7 @@ def test_non_finite_loss_stops_clearly_and_the_last_checkpoint_resumes(
     assert advised <= options, err  # the advice names flags this command has
     assert latest.read_bytes() == good
     with caplog.at_level(logging.INFO, logger="tec_pipeline.train.loop"):
-        pretrain(2, "1e-3")
+        pretrain()  # the same settings: it resumes from the last good checkpoint
     assert "resuming at epoch 1, micro-batch 0" in caplog.text
     final = torch.load(latest, weights_only=True)
     assert final["data_position"]["epoch"] == 2

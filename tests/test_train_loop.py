@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from tec_pipeline.errors import UserError
 from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train.loop import LoopConfig, NonFiniteLossError, run_training
 from tec_pipeline.train.optim import weight_decay_groups
@@ -123,15 +125,18 @@ def test_checkpoint_loads_with_weights_only_and_keeps_last_epochs(tmp_path):
 
 
 def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
-    run_training(fresh_toy(), toy_batches, 5, loop_cfg(epochs=1, save_every=0), tmp_path)
+    with pytest.raises(Interrupt):  # killed in epoch 1, after the epoch-0 checkpoint
+        run_training(fresh_toy(), toy_batches, 5, loop_cfg(epochs=2, save_every=0), tmp_path,
+                     step_fn=interrupting_step(5))
     before = (tmp_path / "checkpoint.pth").read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
         f.write(b"partial garbage")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*checkpoint\.pth: No space left on device "
+                                        r"\(errno 28\); the previous checkpoint\.pth is intact"):
         run_training(fresh_toy(), toy_batches, 5, loop_cfg(epochs=2, save_every=0), tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "checkpoint.pth").read_bytes() == before

@@ -13,6 +13,7 @@ import torch
 
 from tec_pipeline.data.shards import Sample
 from tec_pipeline.data.views import ViewBox, replay_view_uint8
+from tec_pipeline.store.integrity import read_rows_or_explain
 from tec_pipeline.store.layout import TargetStore
 
 TARGET_KEYS = ("features", "attention", "topk_index")
@@ -41,7 +42,7 @@ class CachedViews:
             chunk = self._store.spec.chunk_rows
             start = (row // chunk) * chunk
             stop = min(start + chunk, self._store.spec.rows)
-            self._block = (start, stop, self._store.read_rows(self.view_id, start, stop))
+            self._block = (start, stop, read_rows_or_explain(self._store, self.view_id, start, stop))
         return row - self._block[0], self._block[2]
 
     def __call__(self, sample: Sample) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ row plus its position in the shard: rows join shards, views and targets, so shar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -42,6 +43,7 @@ class Manifest:
     source: str = ""
     split: str = ""
     fingerprint: str = field(default="")
+    skipped: tuple[str, ...] = ()  # "shard.tar:KEY (members)" of tar samples without an image (index-shards)
 
     @property
     def total_rows(self) -> int:
@@ -50,7 +52,8 @@ class Manifest:
     def to_json(self) -> dict:
         return {"format": MANIFEST_FORMAT, "total_rows": self.total_rows, "fingerprint": self.fingerprint,
                 "source": self.source, "split": self.split, "class_names": list(self.class_names),
-                "shards": [vars(s) for s in self.shards]}
+                "shards": [vars(s) for s in self.shards], "skipped_samples": len(self.skipped),
+                "skipped": list(self.skipped)}
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
         data = json.loads(path.read_text())
         shards = tuple(ShardInfo(**s) for s in data["shards"])
         return Manifest(shards, tuple(data.get("class_names", ())), data.get("source", ""), data.get("split", ""),
-                        data["fingerprint"])
+                        data["fingerprint"], tuple(data.get("skipped", ())))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a valid manifest ({e.__class__.__name__}: {e})") from None
 
@@ -165,14 +168,27 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None
+def _has_image(members: list[tarfile.TarInfo]) -> bool:
+    return any(_split_member(m.name)[1] in IMAGE_EXTS for m in members)
+
+
+def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None, skipped: list[str] | None = None
                      ) -> Iterator[tuple[str, dict[str, bytes] | None]]:
     """(key, {ext: bytes}) per sample in tar order, grouping consecutive members by key.
 
     The tar is opened seekable, so samples whose index (position in the shard) is not `wanted` are skipped
-    without reading their data (fields None). A truncated or damaged tar ends quietly after its last complete
-    sample: the partial sample is dropped because its data cannot be trusted.
+    without reading their data (fields None). A sample with no image member (say a stray KEY.txt) is not a
+    sample: it takes no row, and is named in `skipped` ("shard.tar:KEY (member, ...)") when a list is given. A
+    truncated or damaged tar ends quietly after its last complete sample: the partial sample is dropped because
+    its data cannot be trusted.
     """
+    def close(key: str, members: list[tarfile.TarInfo], index: int) -> tuple[str, dict[str, bytes] | None] | None:
+        if _has_image(members):
+            return key, _read_members(tar, members, wanted is None or wanted(index))
+        if skipped is not None:
+            skipped.append(f"{path.name}:{key} ({', '.join(m.name for m in members)})")
+        return None
+
     try:
         with tarfile.open(path, "r:") as tar:
             key, members, index = None, [], 0
@@ -181,12 +197,14 @@ def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None
                     continue
                 member_key, _ = _split_member(member.name)
                 if member_key != key and key is not None:
-                    yield key, _read_members(tar, members, wanted is None or wanted(index))
-                    members, index = [], index + 1
+                    if (sample := close(key, members, index)) is not None:
+                        yield sample
+                        index += 1
+                    members = []
                 key = member_key
                 members.append(member)
-            if key is not None:
-                yield key, _read_members(tar, members, wanted is None or wanted(index))
+            if key is not None and (sample := close(key, members, index)) is not None:
+                yield sample
     except (tarfile.TarError, OSError, EOFError) as e:
         log.warning("shard %s is damaged: %s", path.name, e)
 
@@ -204,8 +222,9 @@ def _read_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], read: bo
     return fields
 
 
-def count_tar_samples(path: Path) -> int:
-    return sum(1 for _ in iter_tar_samples(path, wanted=lambda _: False))
+def count_tar_samples(path: Path, skipped: list[str] | None = None) -> int:
+    """Samples (with an image) in the tar; those without one are appended to `skipped`."""
+    return sum(1 for _ in iter_tar_samples(path, wanted=lambda _: False, skipped=skipped))
 
 
 def _to_sample(row: int, key: str, fields: dict[str, bytes]) -> Sample:
@@ -257,6 +276,11 @@ def index_shards(directory: str | os.PathLike[str], class_names: list[str] | Non
     tars = sorted(p for p in directory.iterdir() if p.suffix == ".tar" and p.is_file())
     if not tars:
         raise UserError(f"no .tar shards in {directory}")
-    entries = [(p.name, count_tar_samples(p), file_sha256(p)) for p in tars]
+    skipped: list[str] = []
+    entries = [(p.name, count_tar_samples(p, skipped), file_sha256(p)) for p in tars]
     split = tars[0].name.rsplit("-", 1)[0] if "-" in tars[0].name else ""
-    return make_manifest(entries, class_names or [], f"index-shards:{directory}", split)
+    if skipped:
+        log.warning("%d tar sample(s) without an image skipped (no row, listed in the manifest): %s",
+                    len(skipped), "; ".join(skipped[:10]) + ("; ..." if len(skipped) > 10 else ""))
+    manifest = make_manifest(entries, class_names or [], f"index-shards:{directory}", split)
+    return dataclasses.replace(manifest, skipped=tuple(skipped))

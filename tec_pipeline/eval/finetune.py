@@ -37,6 +37,7 @@ from tec_pipeline.models.base import EncoderCheckpoint
 from tec_pipeline.models.vit import build_vit
 from tec_pipeline.train.checkpoint import preserved_rng, seed_all
 from tec_pipeline.train.loop import LoopConfig, run_training
+from tec_pipeline.train.run_dir import run_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class FinetuneConfig:
     limit_test: int | None = None
     save_every: int = 0
     resume: bool = True
+    overwrite: bool = False  # --out holds another run: clear it first
+    init_from: str | None = None  # a new run from this checkpoint's weights (train.run_dir)
+    init_optimizer: bool = False  # ... and its optimizer state
 
 
 def loop_config(cfg: FinetuneConfig) -> LoopConfig:
@@ -207,8 +211,10 @@ def finetune(cfg: FinetuneConfig, encoder: EncoderCheckpoint, rank: int = 0, wor
 
     extra = {"arch": encoder.arch.to_dict(), "kind": "finetune", "num_classes": classes,
              "base_checkpoint": encoder.path}
-    result = run_training(model, batches, steps, loop, cfg.out, extra,
-                          step_fn=ClassificationStep(cfg, classes), run_config=cfg)
+    content = {"checkpoint": encoder.sha256, "train_shards": load_manifest(cfg.train_shards).fingerprint,
+               "test_shards": load_manifest(cfg.test_shards).fingerprint}
+    result = run_training(model, batches, steps, loop, cfg.out, extra, step_fn=ClassificationStep(cfg, classes),
+                          run_config=cfg, run_spec=run_spec(cfg, content))
     scores = evaluate_classifier(model, center_batches(cfg.test_shards, size, cfg.batch_size, cfg.limit_test),
                                  resolve_device("auto"))
     return {"top1": scores["top1"], "top5": scores["top5"], "n_test": scores["n"],

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tec_pipeline.config import require
 from tec_pipeline.data.shards import load_manifest
 
@@ -36,9 +38,20 @@ ARMS = (
     Arm("base", "MAE base, E1 epochs", "mae", ("base",)),
     Arm("tec-cached", "TEC from the cache, E2 epochs", "tec-cached", ("cache", "tec-cached")),
     Arm("tec-online", "TEC online, E2 epochs", "tec-online", ("tec-online",)),
-    Arm("mae-control", "MAE continued to E1+E2 epochs", "mae-control", ("mae-control",)),
+    Arm("mae-control", "MAE base + E2 more MAE epochs", "mae-control", ("mae-control",)),
 )
 METHODS = ("linprobe", "knn")
+# what the control arm is (reproduce.mk: `mae-pretrain --init-from base.pth --init-optimizer --epochs E2`)
+CONTROL = ("Control: {e2} more MAE epochs started from the base model's final weights and optimizer state, as a "
+           "new run with its own schedule ({warmup} warm-up epochs, cosine over {e2} epochs), so it trains as many "
+           "epochs as each TEC student; it is not one uninterrupted {e1}+{e2}-epoch MAE schedule.")
+
+
+def control_sentence(root: Path, e1: int, e2: int) -> str:
+    """What the control arm is, with the warm-up its run recorded (config.yaml)."""
+    cfg = root / "mae-control" / "config.yaml"
+    warmup = yaml.safe_load(cfg.read_text()).get("warmup_epochs", "?") if cfg.is_file() else "?"
+    return CONTROL.format(e1=e1, e2=e2, warmup=f"{warmup:g}" if isinstance(warmup, (int, float)) else warmup)
 
 
 def _seconds(root: Path, names: tuple[str, ...]) -> float | None:
@@ -187,7 +200,7 @@ def write_report(root: str | Path, views: int, e1: int, e2: int) -> Path:
     lines = [
         "# TEC reproduction on Fashion-MNIST", "",
         f"{r['n_train']:,} training images; MAE base E1 = {e1} epochs; TEC students E2 = {e2} epochs from "
-        f"V = {views} cached views (cached) or fresh views (online); control: MAE continued to {e1 + e2} epochs. "
+        f"V = {views} cached views (cached) or fresh views (online). {control_sentence(root, e1, e2)} "
         "Accuracies are top-1 (%) on the test split, frozen encoders (exported timm weights), best of CLS and "
         "mean pooling. Wall times are this machine's.", "",
         *results_table(r), "",

@@ -5,11 +5,14 @@ values).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
 import numpy as np
 
+from tec_pipeline.errors import UserError
 from tec_pipeline.store.codecs import ArrayLayout, layout_mismatch
 from tec_pipeline.store.layout import FORMAT_VERSION, TargetStore, Task
 
@@ -21,15 +24,11 @@ def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:
     each done task checks that every array's chunk object exists and (read_data) decodes — CRC32C
     included — to finite values. read_data=False skips the full read.
     """
-    group, reasons, sound = store.group(), [], []
-    for layout, leading, chunk_rows in store.spec.arrays():
-        problem = layout_mismatch(group[layout.name], layout, leading, chunk_rows) if layout.name in group else (
-            f"array {layout.name} is missing")
-        reasons += [problem] if problem else []
-        sound += [] if problem else [layout]
+    reasons, sound = _array_problems(store)
     if "done" not in {lay.name for lay in sound}:
         return [*reasons, "cannot tell which tasks are done"]
-    done = _readable_done(store, reasons)
+    done, flags = _readable_done(store)
+    reasons += [reason for _, reason in flags]
     tasks = store.tasks()
     for view in range(store.spec.views):
         pending = [t.index for t in tasks if t.view == view and not done[view, t.index]]
@@ -39,41 +38,118 @@ def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:
     done_tasks = [t for t in tasks if done[t.view, t.index]]
     for layout in sound:
         if layout.name != "done":
-            reasons += _check_chunks(store, layout, done_tasks, read_data)
+            reasons += [reason for _, reason in _chunk_problems(store, layout, done_tasks, read_data)]
     return reasons
 
-def _readable_done(store: TargetStore, reasons: list[str]) -> np.ndarray:
-    """done [V, T]; a flag whose chunk does not decode counts as not done and is reported."""
+
+def damaged_tasks(store: TargetStore) -> list[Task]:
+    """Tasks marked done whose chunks are missing, do not decode or hold non-finite values, and tasks whose done
+    flag does not decode: what `cache-targets --repair` recomputes. Raises UserError when an array itself is
+    missing or has the wrong layout (no task-level repair can fix that)."""
+    reasons, sound = _array_problems(store)
+    if reasons:
+        raise UserError(f"{store.url} cannot be repaired task by task ({'; '.join(reasons)}); delete it and rerun "
+                        "tec cache-targets")
+    done, flags = _readable_done(store)
+    done_tasks = [t for t in store.tasks() if done[t.view, t.index]]
+    bad = {task for task, _ in flags}
+    for layout in sound:
+        if layout.name != "done":
+            bad |= {task for task, _ in _chunk_problems(store, layout, done_tasks, read_data=True)}
+    return sorted(bad, key=lambda t: (t.view, t.index))
+
+
+def reset_damaged_tasks(url: str) -> list[Task]:
+    """Find the damaged tasks of the store at `url` and mark them not done; returns them (view-major)."""
+    store = TargetStore.open(url, mode="r+")
+    damaged = damaged_tasks(store)
+    store.reset_tasks(damaged)
+    return damaged
+
+
+def require_readable_flags(url: str) -> None:
+    """UserError naming the damaged done flags of an existing store (cheap: one tiny object per task), so a stage-1
+    rerun says to repair instead of failing in a checksum traceback; a missing store is left to stage 1."""
     try:
-        return store.done_mask()
+        store = TargetStore.open(url)
+    except UserError:
+        return  # not a store (yet): creating or refusing it is stage 1's business
+    _, flags = _readable_done(store)
+    if flags:
+        raise UserError(f"{url}: {'; '.join(reason for _, reason in flags[:5])}; rerun with --repair to recompute "
+                        "those tasks")
+
+
+def read_rows_or_explain(store: TargetStore, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """`store.read_rows`, with a chunk that fails to decode (checksum, truncation, missing object) reported as a
+    UserError naming the chunk and the repair, instead of a codec traceback deep inside a loader."""
+    try:
+        return store.read_rows(view, start, stop)
+    except Exception as e:  # noqa: BLE001 — any decode failure of stored bytes means damage
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise UserError(f"target store {store.url}: the chunk of view {view} rows {start}-{stop} does not decode "
+                        f"({e.__class__.__name__}{': ' + detail if detail else ''}); run `tec verify {store.url} "
+                        "--shards DIR` to list the damage and `tec cache-targets ... --repair` (the store's own "
+                        "command) to recompute it") from None
+
+
+def store_fingerprint(store: TargetStore) -> str:
+    """sha256 of what a store holds, for a training run's identity: its attributes minus the package version and
+    the base model's path (its sha256 stays), and which tasks are done."""
+    attrs = store.attrs
+    attrs.pop("package_version", None)
+    attrs.get("base_model", {}).pop("source", None)
+    done = np.ascontiguousarray(store.done_mask()).tobytes()
+    text = json.dumps(attrs, sort_keys=True) + hashlib.sha256(done).hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _array_problems(store: TargetStore) -> tuple[list[str], list[ArrayLayout]]:
+    """(reasons, sound layouts): every array of the spec, present with its shape, dtype and chunks."""
+    group, reasons, sound = store.group(), [], []
+    for layout, leading, chunk_rows in store.spec.arrays():
+        problem = layout_mismatch(group[layout.name], layout, leading, chunk_rows) if layout.name in group else (
+            f"array {layout.name} is missing")
+        reasons += [problem] if problem else []
+        sound += [] if problem else [layout]
+    return reasons, sound
+
+
+def _readable_done(store: TargetStore) -> tuple[np.ndarray, list[tuple[Task, str]]]:
+    """done [V, T] and the tasks whose flag does not decode (they count as not done)."""
+    try:
+        return store.done_mask(), []
     except Exception:  # noqa: BLE001 — a damaged flag object; find which, flag by flag
         done = np.zeros((store.spec.views, store.spec.tasks_per_view), dtype=bool)
+        damaged = []
         for task in store.tasks():
             try:
                 done[task.view, task.index] = store.is_done(task)
             except Exception as e:  # noqa: BLE001 — any decode failure means a damaged object
-                reasons.append(f"done flag of view {task.view} task {task.index} does not decode "
-                               f"({e.__class__.__name__})")
-        return done
+                damaged.append((task, f"done flag of view {task.view} task {task.index} does not decode "
+                                      f"({e.__class__.__name__})"))
+        return done, damaged
 
-def _check_chunks(store: TargetStore, layout: ArrayLayout, tasks: list[Task], read_data: bool) -> list[str]:
-    """Reasons why `layout`'s chunk of each done task is missing, undecodable or non-finite."""
+
+def _chunk_problems(store: TargetStore, layout: ArrayLayout, tasks: list[Task],
+                    read_data: bool) -> list[tuple[Task, str]]:
+    """(task, reason) for each done task whose chunk of `layout` is missing, undecodable or non-finite."""
     arr, keys, out = store.array(layout.name), store.keys_under(f"{layout.name}/"), []
     for task in tasks:
         where = f"view {task.view} task {task.index} (rows {task.row_start}-{task.row_stop})"
         key = f"{layout.name}/{arr.metadata.encode_chunk_key((task.view, task.index, *[0] * len(layout.trailing)))}"
         if key not in keys:
-            out.append(f"{layout.name}: chunk of done {where} is missing")
+            out.append((task, f"{layout.name}: chunk of done {where} is missing"))
             continue
         if not read_data:
             continue
         try:
             values = arr[task.view, task.row_start : task.row_stop]
         except Exception as e:  # noqa: BLE001 — any decode failure means a damaged object; keep checking
-            out.append(f"{layout.name}: chunk of {where} does not decode ({e.__class__.__name__})")
+            out.append((task, f"{layout.name}: chunk of {where} does not decode ({e.__class__.__name__})"))
             continue
         if values.dtype.kind == "f" and not np.isfinite(values).all():
-            out.append(f"{layout.name}: chunk of {where} holds non-finite values")
+            out.append((task, f"{layout.name}: chunk of {where} holds non-finite values"))
     return out
 
 

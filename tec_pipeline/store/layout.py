@@ -342,6 +342,15 @@ class TargetStore:
         self._array("done")[task.view, task.index] = True  # only after every data chunk is stored
         self._known_done.add((task.view, task.index))
 
+    def reset_tasks(self, tasks: Iterable[Task]) -> None:
+        """Mark `tasks` not done (their flag object is rewritten, also when it was damaged), so the next stage-1
+        run recomputes and rewrites every chunk of them; other tasks are not touched (`tec cache-targets --repair`)."""
+        if self.mode != "r+":
+            raise ValueError(f"{self} is open read-only")
+        for task in tasks:
+            self._array("done")[task.view, task.index] = False
+            self._known_done.discard((task.view, task.index))
+
     def read_rows(self, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of one view, one slice read per array (concurrently), decoded.
 

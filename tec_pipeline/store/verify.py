@@ -22,8 +22,11 @@ NUMERIC_ALLOWANCE = 1e-3  # absolute + relative: float noise of another batch sp
 
 
 def _invalid_rows(store: TargetStore, limit: int = 20) -> list[str]:
-    valid = store.valid_mask()
-    done = np.repeat(store.done_mask(), store.spec.chunk_rows, axis=1)[:, : store.spec.rows]
+    try:
+        valid = store.valid_mask()
+        done = np.repeat(store.done_mask(), store.spec.chunk_rows, axis=1)[:, : store.spec.rows]
+    except Exception:  # noqa: BLE001 — a damaged valid/done chunk: the integrity reasons already name it
+        return []
     views, rows = np.nonzero(done & ~valid)
     return [f"view {v} row {r}" for v, r in zip(views[:limit].tolist(), rows[:limit].tolist(), strict=True)]
 
@@ -71,7 +74,7 @@ def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: 
 
 def verify_store(url: str, shards: str, recompute: int = 0, seed: int = 0,
                  base_arch: str | None = None) -> dict[str, Any]:
-    """{'ok': bool, 'reasons': [...], 'invalid_rows': [...]} for `tec verify`."""
+    """{'ok': bool, 'reasons': [...], 'invalid_rows': [...], 'repairable': bool} for `tec verify`."""
     store = TargetStore.open(url)
     manifest = load_manifest(shards)
     reasons = store.check_integrity()
@@ -83,4 +86,6 @@ def verify_store(url: str, shards: str, recompute: int = 0, seed: int = 0,
         reasons.append(f"the store has {store.spec.rows} rows, the shards only {manifest.total_rows}")
     elif recompute and not reasons:
         reasons += recompute_check(store, shards, manifest, recompute, seed, base_arch)
-    return {"ok": not reasons, "reasons": reasons, "invalid_rows": _invalid_rows(store)}
+    # chunk or flag damage of finished tasks is what `cache-targets --repair` recomputes (integrity.damaged_tasks)
+    repairable = any(" chunk of " in r or r.startswith("done flag of ") for r in reasons)
+    return {"ok": not reasons, "reasons": reasons, "invalid_rows": _invalid_rows(store), "repairable": repairable}

@@ -88,8 +88,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_failed(path: Path, e: Exception) -> UserError:
+    # torch's zip writer reports a full disk as RuntimeError("... failed writing file ..."), the OS as OSError
+    reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} had been written yet"
+    return UserError(f"cannot write checkpoint {path}: {reason}; {kept} — free space (or fix the file system) and "
+                     "rerun the same command to continue from it")
+
+
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """torch.save `obj` to `path` via a temporary file in the same directory and os.replace."""
+    """torch.save `obj` to `path` via a temporary file in the same directory and os.replace.
+
+    A failed write (full disk, read-only file system) raises UserError and leaves `path` as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -98,6 +108,8 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(path, e) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -113,6 +125,8 @@ def copy_atomic(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+    except OSError as e:
+        raise _write_failed(dst, e) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -127,13 +141,29 @@ def prune_epoch_checkpoints(run_dir: Path, keep: int) -> None:
         p.unlink()
 
 
+TRAINING_KEYS = ("model", "optimizer", "schedule", "data_position", "rng")
+
+
+def _recovery_advice(path: Path) -> str:
+    copies = sorted((int(m.group(1)), p) for p in path.parent.glob("checkpoint-*.pth")
+                    if (m := _EPOCH_RE.match(p.name)))
+    if path.name == LATEST and copies:
+        return f"copy {copies[-1][1]} (the newest epoch copy) over it to resume from there, or pass --overwrite"
+    return "restore it from a copy, or pass --overwrite to start the run over"
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load one of our checkpoints on CPU with weights_only=True; a damaged file is a UserError."""
+    """Load one of our training checkpoints on CPU with weights_only=True; an unreadable, damaged or foreign file
+    is a UserError that says how to recover."""
+    path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "delete it or pass --no-resume to start over") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path} is not a training checkpoint of this project (no 'model' entry)")
+    except Exception as e:  # noqa: BLE001 - a text file gives KeyError, a cut one RuntimeError/EOFError, ...
+        detail = str(e).splitlines()[0][:160] if str(e) else ""
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}{': ' + detail if detail else ''}); "
+                        f"{_recovery_advice(path)}") from None
+    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)}); "
+                        f"{_recovery_advice(path)}")
     return ckpt

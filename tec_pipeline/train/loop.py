@@ -44,9 +44,11 @@ from tec_pipeline import __version__
 from tec_pipeline.config import require, save_config, to_plain
 from tec_pipeline.devices import resolve_device, threads_beside_workers
 from tec_pipeline.errors import UserError
+from tec_pipeline.outputs import require_writable
 from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train import distributed as tdist
-from tec_pipeline.train.metrics import MetricsLogger, progress_enabled
+from tec_pipeline.train import run_dir as run_dirs
+from tec_pipeline.train.metrics import EpochLog, MetricsLogger, progress_enabled
 from tec_pipeline.train.optim import build_optimizer
 from tec_pipeline.train.schedule import (
     absolute_lr,
@@ -196,17 +198,8 @@ def _save(run: _Run, epoch: int, batch: int, extra: dict[str, Any], run_config: 
 
 def _restore(run: _Run, path: Path) -> dict[str, int]:
     """Load `path` into the run; returns the data position to continue from."""
-    ck = ckpt_io.load_checkpoint(path)
+    ck = ckpt_io.load_checkpoint(path)  # batch, accum, ranks, data etc. were checked with the run's identity
     pos, sched = ck["data_position"], ck["schedule"]
-    saved = ck.get("loop", {})
-    for name, now in (("batch_size", run.cfg.batch_size), ("accum", run.cfg.accum)):
-        if saved.get(name) != now:
-            raise UserError(f"{path} was written with {name}={saved.get(name)}, this run has {now}; "
-                            "resume with the same value or pass --no-resume (or a new --out)")
-    if pos["world_size"] != run.world or pos["micro_batches_per_epoch"] != run.micro_per_epoch:
-        raise UserError(f"{path} was written with {pos['world_size']} ranks × {pos['micro_batches_per_epoch']} "
-                        f"micro-batches per epoch, this run has {run.world} × {run.micro_per_epoch}; "
-                        "resume with the same data and ranks or pass --no-resume")
     run.model.load_state_dict(ck["model"], strict=True)
     run.optimizer.load_state_dict(ck["optimizer"])
     if run.scaler.is_enabled() and ck["scaler"]:
@@ -225,9 +218,11 @@ def _loss_terms(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _non_finite_message(loss: float, epoch: int, step: int, run_dir: Path) -> str:
     latest = run_dir / ckpt_io.LATEST
     last_good = str(latest) if latest.exists() else "none written yet"
-    # only flags every training command has (tec pretrain has no --clip-grad)
+    # only flags every training command has (tec pretrain has no --clip-grad); a resume keeps the settings, so
+    # new ones mean a new run: from scratch, or from the last good weights
     return (f"loss became {loss} at epoch {epoch} step {step}; last good checkpoint: {last_good} — lower --blr "
-            "or lengthen --warmup-epochs, then rerun (it resumes from that checkpoint)")
+            "or lengthen --warmup-epochs and start over with --overwrite, or continue from that checkpoint with "
+            "--init-from it and a new --out")
 
 
 def _optimizer_step(run: _Run, it: Iterator[Batch], group: int, step_fn: StepFn, epoch: int,
@@ -273,7 +268,8 @@ def _optimizer_step(run: _Run, it: Iterator[Batch], group: int, step_fn: StepFn,
 
 
 def _run_epoch(run: _Run, batches: Callable[[int, int], Iterable[Batch]], epoch: int, start_batch: int,
-               step_fn: StepFn, metrics: MetricsLogger, save: Callable[[int, int, bool], None]) -> None:
+               step_fn: StepFn, metrics: MetricsLogger, save: Callable[[int, int, bool], None],
+               epoch_log: EpochLog) -> None:
     accum, micro = run.cfg.accum, run.micro_per_epoch
     with ckpt_io.preserved_rng():
         source = batches(epoch, start_batch)
@@ -298,6 +294,7 @@ def _run_epoch(run: _Run, batches: Callable[[int, int], Iterable[Batch]], epoch:
         if callable(close):
             close()
     save(epoch + 1, 0, True)
+    epoch_log.epoch_done(epoch, run.step, run.last_metrics)
 
 
 def _log_plan(run: _Run, total_steps: int, start: dict[str, int] | None) -> None:
@@ -346,22 +343,37 @@ def _determinism(on: bool, device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
+def _open_run_dir(run: _Run, spec: run_dirs.RunSpec, extra: dict[str, Any]) -> dict[str, int] | None:
+    """Check the run directory holds this run (train.run_dir), then resume it or start (maybe from a parent)."""
+    opened = run_dirs.open_run(run.run_dir, spec, run_dirs.loop_settings(run.cfg, run.world, run.micro_per_epoch,
+                                                                          extra), run.cfg.resume, run.rank == 0)
+    tdist.barrier()  # rank 0 may have cleared the directory
+    if opened.resume:
+        return _restore(run, run.run_dir / ckpt_io.LATEST)
+    if opened.parent is not None:
+        run_dirs.load_parent(run.model, run.optimizer, opened.parent, spec.init_optimizer)
+    return None
+
+
 def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]], steps_per_epoch: int,
                  cfg: LoopConfig, run_dir: str | Path, checkpoint_extra: dict[str, Any] | None = None,
-                 step_fn: StepFn | None = None, run_config: Any = None) -> TrainResult:
+                 step_fn: StepFn | None = None, run_config: Any = None,
+                 run_spec: run_dirs.RunSpec | None = None) -> TrainResult:
     """Train `model` in place for `cfg.epochs` epochs of `steps_per_epoch` micro-batches; see the module docstring.
 
-    Writes RUN/config.yaml (`run_config` or `cfg`), RUN/metrics.csv and the checkpoints (rank 0). Raises
-    NonFiniteLossError on a NaN/inf loss, leaving the last good checkpoint in place.
+    Writes RUN/config.yaml (`run_config` or `cfg`), RUN/metrics.csv, RUN/run.json and the checkpoints (rank 0);
+    `run_spec`: the run's identity (train.run_dir; default: `run_config`'s fields). Raises NonFiniteLossError
+    on a NaN/inf loss, leaving the last good checkpoint in place.
     """
     run_dir = Path(run_dir)
     extra = dict(checkpoint_extra or {})
     if clash := RESERVED_KEYS & set(extra):
         raise ValueError(f"checkpoint_extra may not set {sorted(clash)}")
+    require_writable(run_dir, "--out")
     run = _build_run(model, steps_per_epoch, cfg, run_dir)  # first: bad settings leave no run directory
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = run_dir / ckpt_io.LATEST
-    start = _restore(run, latest) if cfg.resume and latest.exists() else None
+    start = _open_run_dir(run, run_spec or run_dirs.default_spec(run_config), extra)
     total_steps = cfg.epochs * run.steps_per_epoch
     if run.rank == 0:
         _log_plan(run, total_steps, start)
@@ -372,12 +384,13 @@ def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]
     def save(epoch: int, batch: int, epoch_end: bool) -> None:
         _save(run, epoch, batch, extra, run_config, epoch_end)
 
+    epoch_log = EpochLog(cfg.epochs, run.steps_per_epoch, run.step, enabled=run.rank == 0 and not progress_enabled(True))
     model.train()
     try:
         with _determinism(cfg.deterministic, run.device), threads_beside_workers(run.device, cfg.loader_workers):
             for epoch in range(position["epoch"], cfg.epochs):
                 _run_epoch(run, batches, epoch, position["batch"] if epoch == position["epoch"] else 0,
-                           step_fn or _default_step, metrics, save)
+                           step_fn or _default_step, metrics, save, epoch_log)
     finally:
         metrics.close()
     return TrainResult(run.step, cfg.epochs, dict(run.last_metrics), latest if latest.exists() else None, start)

@@ -13,6 +13,7 @@ from tec_pipeline.models.mae import MAEConfig, MaskedAutoencoder, checkpoint_ext
 from tec_pipeline.models.vit import ViTArch, resolve_arch
 from tec_pipeline.train.checkpoint import seed_all
 from tec_pipeline.train.loop import LoopConfig, TrainResult, run_training
+from tec_pipeline.train.run_dir import run_spec
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class MAEPretrainConfig:
     workers: int = 0
     limit: int | None = None
     resume: bool = True
+    overwrite: bool = False  # --out holds another run: clear it first
+    init_from: str | None = None  # a new run from this checkpoint's weights (train.run_dir)
+    init_optimizer: bool = False  # ... and its optimizer state
     amp: str = "auto"
     deterministic: bool = False
 
@@ -60,6 +64,7 @@ def loop_config(cfg: MAEPretrainConfig) -> LoopConfig:
 def pretrain_mae(cfg: MAEPretrainConfig, rank: int = 0, world_size: int = 1) -> TrainResult:
     """Train a plain MAE on `cfg.shards` into run directory `cfg.out` (resuming when a checkpoint is there)."""
     from tec_pipeline.data.loader import fresh_view_batches, steps_per_epoch
+    from tec_pipeline.data.shards import load_manifest
 
     require(0.0 <= cfg.mask_ratio < 1.0, f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
     require(cfg.decoder_depth is None or cfg.decoder_depth >= 1, "--decoder-depth must be >= 1")
@@ -69,12 +74,13 @@ def pretrain_mae(cfg: MAEPretrainConfig, rank: int = 0, world_size: int = 1) -> 
     mae_cfg = MAEConfig(mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss)
     seed_all(cfg.seed)  # the same initial weights on every rank and every run with this seed
     model = MaskedAutoencoder(arch, mae_cfg)
-    steps = steps_per_epoch(cfg.shards, cfg.batch_size, world_size, cfg.workers, cfg.limit)
+    manifest = load_manifest(cfg.shards)
+    steps = steps_per_epoch(cfg.shards, cfg.batch_size, world_size, cfg.workers, cfg.limit, manifest)
 
     def batches(epoch: int, start: int) -> Iterator[dict[str, Any]]:
         return fresh_view_batches(cfg.shards, arch.img_size, cfg.batch_size, cfg.seed, epoch, start, rank,
                                   world_size, cfg.workers, cfg.limit)
 
     return run_training(model, batches, steps, loop, Path(cfg.out), checkpoint_extra(arch, mae_cfg),
-                        step_fn=mae_step, run_config=cfg)
+                        step_fn=mae_step, run_config=cfg, run_spec=run_spec(cfg, {"shards": manifest.fingerprint}))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,31 @@ log = logging.getLogger(__name__)
 
 FIXED_HEAD = ("step", "epoch", "lr")
 FIXED_TAIL = ("img_per_s", "data_wait")
+
+
+class EpochLog:
+    """One log line per finished epoch when no progress bar is shown (nohup, slurm, CI): the only sign of life
+    a log file gets otherwise. Line: epoch, optimizer steps, loss, img/s of the last step, elapsed and ETA."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, start_step: int, enabled: bool) -> None:
+        self.epochs, self.steps_per_epoch, self.enabled = epochs, steps_per_epoch, enabled
+        self._start, self._start_step = time.perf_counter(), start_step  # a resumed run times from its resume
+
+    def epoch_done(self, epoch: int, step: int, row: dict[str, Any]) -> None:
+        """`epoch` (0-based) just ended at optimizer step `step`; `row` holds the last step's metrics."""
+        if not self.enabled:
+            return
+        total = self.epochs * self.steps_per_epoch
+        elapsed = time.perf_counter() - self._start
+        eta = elapsed / max(step - self._start_step, 1) * max(total - step, 0)
+        log.info("epoch %d/%d: step %d/%d, loss %.4f, %.0f img/s, elapsed %s, ETA %s", epoch + 1, self.epochs,
+                 step, total, row.get("loss", float("nan")), row.get("img_per_s", 0.0), _clock(elapsed),
+                 _clock(eta))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _tensorboard_writer(run_dir: Path) -> Any:

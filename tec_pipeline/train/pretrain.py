@@ -24,9 +24,11 @@ from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
 from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.models.vit import ViTArch, resolve_arch
+from tec_pipeline.store.integrity import store_fingerprint
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train import distributed as tdist
 from tec_pipeline.train.loop import LoopConfig, TrainResult, run_training
+from tec_pipeline.train.run_dir import run_spec
 
 log = logging.getLogger(__name__)
 VIEW_POLICIES = ("cycle", "first")
@@ -58,6 +60,9 @@ class PretrainConfig:
     seed: int = 0
     save_every: int = 0
     resume: bool = True
+    overwrite: bool = False  # --out holds another run: clear it first
+    init_from: str | None = None  # a new run from this checkpoint's weights (train.run_dir)
+    init_optimizer: bool = False  # ... and its optimizer state
     allow_partial: bool = False
     limit: int | None = None
     device: str = "auto"
@@ -132,8 +137,10 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     manifest = load_manifest(cfg.shards)
     rank, world = tdist.init_distributed()
     base, store = None, None
+    content = {"shards": manifest.fingerprint}  # the run's identity records inputs by content (train.run_dir)
     if cfg.targets is not None:
         store = TargetStore.open(cfg.targets)
+        content["targets"] = store_fingerprint(store)
         arch = _student_arch(cfg, ViTArch.from_dict(store.attrs["base_model"]["arch"]))
         k = cfg.topk or store.spec.k
         reasons = store_mismatches(store, manifest, arch, k, cfg.allow_partial)
@@ -143,6 +150,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         views = cfg.views or views
     else:
         base, ckpt = load_encoder(cfg.base_model, cfg.base_arch)
+        content["base_model"] = ckpt.sha256
         arch, k = _student_arch(cfg, ckpt.arch), cfg.topk or 15
         require(arch.embed_dim == ckpt.arch.embed_dim and arch.num_heads == ckpt.arch.num_heads
                 and arch.img_size == ckpt.arch.img_size, f"student {arch.name} and base model {ckpt.arch.name} "
@@ -172,4 +180,5 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     log.info("TEC %s pretraining of %s: %d rows, k=%d, %d micro-batches/epoch on rank %d of %d",
              extra["mode"], arch.name, rows, k, steps, rank, world)
     step = _Step(cfg.masks_per_view, base, k, last_layers)
-    return run_training(model, batches, steps, loop, cfg.out, extra, step_fn=step, run_config=cfg)
+    return run_training(model, batches, steps, loop, cfg.out, extra, step_fn=step, run_config=cfg,
+                        run_spec=run_spec(cfg, content))
