@@ -6,38 +6,53 @@ Commands are imported lazily so that `tec --help` does not pay for importing tor
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 import click
 
 from tec_pipeline.errors import UserError, user_message
+from tec_pipeline.logs import configure_logging
 from tec_pipeline.outputs import WRITE_ERRNOS, write_failure
 
-COMMANDS: dict[str, str] = {
-    "make-shards": "stages.make_shards",
-    "index-shards": "stages.make_shards:index_command",
-    "mae-pretrain": "stages.mae_pretrain",
-    "cache-targets": "stages.cache_targets",
-    "inspect": "stages.inspect_store",
-    "verify": "stages.inspect_store:verify_command",
-    "pretrain": "stages.pretrain",
-    "convert": "stages.convert",
-    "linprobe": "stages.evaluate:linprobe_command",
-    "knn": "stages.evaluate:knn_command",
-    "finetune": "stages.evaluate:finetune_command",
-    "bench": "stages.bench",
-    "report": "stages.report",
+# Commands in pipeline order, grouped as `tec --help` shows them: data → base model → stage 1 → stage 2 →
+# export and evaluation → measurement. Values: "module[:attribute]" (default attribute `command`).
+COMMAND_GROUPS: dict[str, dict[str, str]] = {
+    "1. Data": {
+        "make-shards": "stages.make_shards",
+        "index-shards": "stages.make_shards:index_command",
+    },
+    "2. Base model (when you have none)": {
+        "mae-pretrain": "stages.mae_pretrain",
+    },
+    "3. Stage 1: cache the base model's targets": {
+        "cache-targets": "stages.cache_targets",
+        "inspect": "stages.inspect_store",
+        "verify": "stages.inspect_store:verify_command",
+    },
+    "4. Stage 2: train a TEC student": {
+        "pretrain": "stages.pretrain",
+    },
+    "5. Export and evaluate": {
+        "convert": "stages.convert",
+        "linprobe": "stages.evaluate:linprobe_command",
+        "knn": "stages.evaluate:knn_command",
+        "finetune": "stages.evaluate:finetune_command",
+    },
+    "6. Measure and report": {
+        "bench": "stages.bench",
+        "report": "stages.report",
+    },
 }
+COMMANDS: dict[str, str] = {name: target for group in COMMAND_GROUPS.values() for name, target in group.items()}
 # one-line help shown by `tec --help` without importing every stage (and torch)
 COMMAND_HELP: dict[str, str] = {
     "make-shards": "Write images as shuffled WebDataset shards + manifest.",
     "index-shards": "Write the manifest for existing WebDataset shards.",
     "mae-pretrain": "Train a plain MAE base model from scratch.",
-    "cache-targets": "Stage 1: cache the base model's targets in a Zarr store.",
+    "cache-targets": "Cache the base model's targets in a Zarr store.",
     "inspect": "Summarise a target store.",
     "verify": "Check a target store against its shards and base model.",
-    "pretrain": "Stage 2: train a TEC student from cached targets (or online).",
+    "pretrain": "Train a TEC student from cached targets (or online).",
     "convert": "Export an encoder as timm VisionTransformer weights (safetensors).",
     "linprobe": "Linear probe of a frozen encoder.",
     "knn": "kNN classification with a frozen encoder.",
@@ -49,7 +64,7 @@ COMMAND_HELP: dict[str, str] = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return list(COMMANDS)  # pipeline order, not alphabetical
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
@@ -58,15 +73,20 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr or "command")
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, COMMAND_HELP[name]) for name in self.list_commands(ctx)])
+        for title, group in COMMAND_GROUPS.items():
+            with formatter.section(title):
+                formatter.write_dl([(name, COMMAND_HELP[name]) for name in group])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def tec(verbose: bool) -> None:
-    """TEC pretraining as a two-stage offline target-caching pipeline."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    """TEC pretraining as a two-stage offline target-caching pipeline.
+
+    Start with `make-shards`, then `cache-targets` with your base model (or `mae-pretrain` one first), then
+    `pretrain --targets STORE`; `convert` exports the student for timm. `tec COMMAND --help` for each.
+    """
+    configure_logging(verbose)
 
 
 def _one_line(message: str) -> str:

@@ -1,9 +1,14 @@
 # `make reproduce`: the whole pipeline on the embedded default (Fashion-MNIST), with a report.
 #
-#   shards -> MAE base (E1 epochs) -> cache-targets (V views) -> TEC student from the cache (E2 epochs)
-#          -> the same student online -> control: E2 more MAE epochs from the base (--init-from) -> convert
-#          -> linear probe + kNN of every arm (and of a random-init encoder, the floor) -> report.md
+#   shards -> MAE base (E1 epochs) -> cache-targets (V views)            (made once)
+#   for each seed in SEEDS: TEC student from the cache (E2 epochs), the same student online, and the
+#          control: E2 more MAE epochs from the base (--init-from)        (seeded arms: <arm>-s<seed>)
+#   -> convert -> linear probe + kNN of every arm (and of a random-init encoder, the floor)
+#   -> report.md: mean ± std per arm, paired differences over seeds with 95 % intervals
 #
+# The budget (~30 min on 2 cores) goes to seeds: three seeds of every arm at 4,000 training images and E2 = 6
+# rather than one seed at 6,000 images and E2 = 8, because a single run cannot say whether a difference of
+# one point is real.
 # Every step is a file target, so an interrupted `make reproduce` continues where it stopped (and each tec
 # command resumes its own run). QUICK=1 is a first look in under 5 minutes; overrides: N_TRAIN, E1, E2, ...
 # Two CPU cores: while training, one compute thread and one loader worker is the fastest layout for these tiny
@@ -16,12 +21,14 @@ N_TRAIN ?= 2000
 N_TEST ?= 1000
 E1 ?= 3
 E2 ?= 3
+SEEDS ?= 0 1
 else
 REPRO_OUT ?= runs/reproduce
-N_TRAIN ?= 6000
-N_TEST ?= 5000
+N_TRAIN ?= 4000
+N_TEST ?= 2000
 E1 ?= 8
-E2 ?= 8
+E2 ?= 6
+SEEDS ?= 0 1 2
 endif
 REPRO_ARCH ?= tec_micro_p4_28
 VIEWS ?= 2
@@ -34,9 +41,10 @@ LOADER_WORKERS ?= 1
 REPRO_THREADS ?= 1
 EVAL_THREADS ?= 2
 R := $(REPRO_OUT)
-TRAIN_OPTS := --batch-size $(REPRO_BATCH) --blr $(REPRO_BLR) --warmup-epochs 1 --workers $(LOADER_WORKERS) --seed 0
+TRAIN_OPTS := --batch-size $(REPRO_BATCH) --blr $(REPRO_BLR) --warmup-epochs 1 --workers $(LOADER_WORKERS)
 EVAL_OPTS := --train-shards $(R)/shards/train --test-shards $(R)/shards/test
-ARMS := random base tec-cached tec-online mae-control
+SEEDED_ARMS := tec-cached tec-online mae-control
+ARMS := random base $(foreach s,$(SEEDS),$(addsuffix -s$(s),$(SEEDED_ARMS)))
 
 # $(call timed,NAME,COMMAND[,THREADS]): run COMMAND (OMP_NUM_THREADS=THREADS), record it in commands.sh and
 # its wall time (ms) in timing/NAME.ms
@@ -55,24 +63,25 @@ $(R)/shards/%/manifest.json: | install
 	$(call timed,shards-$*,$(TEC) make-shards fashion-mnist --split $* --out $(R)/shards/$* --limit $(if $(filter train,$*),$(N_TRAIN),$(N_TEST)) --shard-size 1000 --overwrite)
 
 $(R)/base.pth: $(R)/shards/train/manifest.json
-	$(call timed,base,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae --model $(REPRO_ARCH) --epochs $(E1) $(TRAIN_OPTS))
+	$(call timed,base,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae --model $(REPRO_ARCH) --epochs $(E1) $(TRAIN_OPTS) --seed 0)
 	cp $(R)/mae/checkpoint.pth $@
 
 $(R)/targets.zarr/zarr.json: $(R)/base.pth
 	$(call timed,cache,$(TEC) cache-targets --shards $(R)/shards/train --base-model $(R)/base.pth --out $(R)/targets.zarr --views $(VIEWS) --topk $(TOPK) --codec $(REPRO_CODEC) --chunk-rows 250 --batch-size 250 --loader-workers $(LOADER_WORKERS))
 
-$(R)/tec-cached/done: $(R)/targets.zarr/zarr.json
-	$(call timed,tec-cached,$(TEC) pretrain --targets $(R)/targets.zarr --shards $(R)/shards/train --out $(R)/tec-cached --epochs $(E2) --att-tau $(ATT_TAU) $(TRAIN_OPTS))
+# Seeded arms: the stem is the seed (tec-cached-s1 trains with --seed 1).
+$(R)/tec-cached-s%/done: $(R)/targets.zarr/zarr.json
+	$(call timed,tec-cached-s$*,$(TEC) pretrain --targets $(R)/targets.zarr --shards $(R)/shards/train --out $(R)/tec-cached-s$* --epochs $(E2) --att-tau $(ATT_TAU) $(TRAIN_OPTS) --seed $*)
 	touch $@
 
-$(R)/tec-online/done: $(R)/base.pth
-	$(call timed,tec-online,$(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(R)/tec-online --epochs $(E2) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS))
+$(R)/tec-online-s%/done: $(R)/base.pth
+	$(call timed,tec-online-s$*,$(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(R)/tec-online-s$* --epochs $(E2) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS) --seed $*)
 	touch $@
 
 # The control: E2 more MAE epochs from the base model's weights and optimizer state, as a new run with its own
 # schedule (warm-up, cosine over E2 epochs) -- the same budget of training epochs as each TEC student.
-$(R)/mae-control/done: $(R)/base.pth
-	$(call timed,mae-control,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae-control --model $(REPRO_ARCH) --epochs $(E2) --init-from $(R)/base.pth --init-optimizer $(TRAIN_OPTS))
+$(R)/mae-control-s%/done: $(R)/base.pth
+	$(call timed,mae-control-s$*,$(TEC) mae-pretrain --shards $(R)/shards/train --out $(R)/mae-control-s$* --model $(REPRO_ARCH) --epochs $(E2) --init-from $(R)/base.pth --init-optimizer $(TRAIN_OPTS) --seed $*)
 	touch $@
 
 $(R)/encoders/base.safetensors: $(R)/base.pth
@@ -112,10 +121,10 @@ ablate-views: install $(A)/report.md
 $(A)/targets.zarr/zarr.json: $(R)/base.pth
 	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) cache-targets --shards $(R)/shards/train --base-model $(R)/base.pth --out $(A)/targets.zarr --views $(lastword $(ABLATE_VIEWS)) --topk $(TOPK) --codec $(REPRO_CODEC) --chunk-rows 250 --batch-size 250 --loader-workers $(LOADER_WORKERS)
 $(A)/cached-v%/done: $(A)/targets.zarr/zarr.json
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) pretrain --targets $(A)/targets.zarr --views $* --shards $(R)/shards/train --out $(A)/cached-v$* --epochs $(ABLATE_EPOCHS) --att-tau $(ATT_TAU) $(TRAIN_OPTS)
+	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) pretrain --targets $(A)/targets.zarr --views $* --shards $(R)/shards/train --out $(A)/cached-v$* --epochs $(ABLATE_EPOCHS) --att-tau $(ATT_TAU) $(TRAIN_OPTS) --seed 0
 	touch $@
 $(A)/online/done: $(R)/base.pth
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(A)/online --epochs $(ABLATE_EPOCHS) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS)
+	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(A)/online --epochs $(ABLATE_EPOCHS) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS) --seed 0
 	touch $@
 $(A)/evals/%-linprobe.json: $(A)/%/done $(R)/shards/test/manifest.json
 	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) linprobe --checkpoint $(A)/$*/checkpoint.pth $(EVAL_OPTS) --json $@

@@ -1,18 +1,18 @@
-"""Small pieces every stage shares: progress switch and the conventional option set-up."""
+"""Small pieces every stage shares: the progress switch (one policy, in tec_pipeline/logs.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from tec_pipeline.logs import progress_enabled
+
 
 def show_progress() -> bool:
-    """Progress bars on a terminal, unless TEC_NO_PROGRESS=1."""
-    return os.environ.get("TEC_NO_PROGRESS", "0") != "1" and sys.stderr.isatty()
+    """Progress bars on rank 0, on a terminal, unless TEC_NO_PROGRESS=1."""
+    return progress_enabled()
 
 
 def run_dir_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -58,6 +58,9 @@ def _frozen(method: str, options: dict[str, Any]) -> None:
 
 @click.command("linprobe")
 @common_options(batch_size=256)
+@click.option("--protocol", type=click.Choice(["lbfgs", "mae"]), default="lbfgs", show_default=True,
+              help="lbfgs: L-BFGS on standardised features (fast, not comparable with published numbers); "
+                   "mae: MAE's BatchNorm + LARS head, 90 epochs.")
 def linprobe_command(**options: Any) -> None:
     """Linear probe on frozen centre-view features (CLS and mean pooling; the better one is reported)."""
     _frozen("linprobe", options)

@@ -113,3 +113,12 @@ def tec_in_process(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar tag of the TensorBoard event files under RUN/tensorboard, read back as TensorBoard does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [event.value for event in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

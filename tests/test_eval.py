@@ -21,7 +21,7 @@ from tec_pipeline.eval.linear import linear_probe
 from tec_pipeline.eval.report import REQUIRED_KEYS
 from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch
 from tec_pipeline.train.optim import layer_decay_groups
-from tests.conftest import needs_fashion_mnist
+from tests.conftest import needs_fashion_mnist, tensorboard_scalars
 
 MICRO = resolve_arch("tec_micro_p4_28")  # Fashion-MNIST size
 
@@ -38,7 +38,12 @@ def clustered(n: int, classes: int, dim: int, seed: int, random_labels: bool = F
     return Features(cls=x, mean=torch.randn(n, dim, generator=g), labels=labels)
 
 
-@pytest.mark.parametrize("evaluate", [knn_evaluate, linear_probe], ids=["knn", "linprobe"])
+def _mae_linear_probe(train: Features, test: Features) -> dict:
+    return linear_probe(train, test, protocol="mae")
+
+
+@pytest.mark.parametrize("evaluate", [knn_evaluate, linear_probe, _mae_linear_probe],
+                         ids=["knn", "linprobe", "linprobe-mae"])
 def test_separable_features_are_classified(evaluate):
     result = evaluate(clustered(600, 10, 16, 0), clustered(200, 10, 16, 1))
     assert result["top1"] > 95 and result["pooling"] == "cls"
@@ -46,7 +51,8 @@ def test_separable_features_are_classified(evaluate):
     assert result["top5"] >= result["top1"]
 
 
-@pytest.mark.parametrize("evaluate", [knn_evaluate, linear_probe], ids=["knn", "linprobe"])
+@pytest.mark.parametrize("evaluate", [knn_evaluate, linear_probe, _mae_linear_probe],
+                         ids=["knn", "linprobe", "linprobe-mae"])
 def test_random_labels_give_chance_accuracy(evaluate):
     result = evaluate(clustered(600, 10, 16, 0, random_labels=True), clustered(400, 10, 16, 1, random_labels=True))
     assert result["top1"] < 20  # chance is 10 %
@@ -116,6 +122,30 @@ def test_frozen_evaluation_writes_json_schema(method, fmnist_shards, fmnist_test
     assert set(record["per_pooling"]) == {"cls", "mean"}
     assert record["top1"] == max(v["top1"] for v in record["per_pooling"].values())
     assert record["top1"] > 20  # even a random ViT's features beat chance (10 %) on Fashion-MNIST
+    if method == "linprobe":  # the JSON says which protocol produced the number
+        assert record["protocol"]["name"] == "lbfgs" and "not MAE's protocol" in record["protocol"]["description"]
+
+
+@needs_fashion_mnist
+def test_linprobe_mae_protocol_is_recorded(fmnist_shards, fmnist_test_shards, micro_checkpoint, tmp_path):
+    out = tmp_path / "mae.json"
+    assert run_cli(["linprobe", "--protocol", "mae", "--checkpoint", str(micro_checkpoint), "--train-shards",
+                    str(fmnist_shards), "--test-shards", str(fmnist_test_shards), "--json", str(out),
+                    "--limit-train", "200"]) == 0
+    record = json.loads(out.read_text())
+    assert record["protocol"]["name"] == "mae" and record["per_pooling"]["cls"]["config"]["epochs"] == 90
+    assert record["top1"] > 20
+
+
+def test_lars_rescales_matrices_by_the_trust_ratio_and_leaves_biases():
+    from tec_pipeline.eval.linear_mae import LARS
+
+    w = torch.nn.Parameter(torch.full((2, 2), 3.0))  # |w| = 6
+    b = torch.nn.Parameter(torch.zeros(2))
+    w.grad, b.grad = torch.full((2, 2), 0.5), torch.ones(2)  # |g_w| = 1
+    LARS([w, b], lr=1.0, momentum=0.9, trust_coefficient=0.001).step()
+    assert torch.allclose(w, torch.full((2, 2), 3.0 - 0.5 * 0.001 * 6.0))  # step = g · 0.001·|w|/|g|
+    assert torch.allclose(b, -torch.ones(2))  # 1-D: plain momentum SGD
 
 
 def unlabelled_shards(root: Path) -> Path:
@@ -167,6 +197,8 @@ def test_finetune_trains_the_encoder_and_writes_json(fmnist_shards, fmnist_test_
     assert ck["kind"] == "finetune" and ck["model"]["head.weight"].shape == (10, pico.embed_dim)
     assert not torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])
     assert not torch.equal(ck["model"]["pos_embed"], base["pos_embed"])  # layer 0 trains too (tiny lr, not 0)
+    scalars = tensorboard_scalars(tmp_path / "run")
+    assert len(scalars["train/loss"]) == ck["schedule"]["step"] and "train/data_wait" in scalars, sorted(scalars)
 
 
 def test_training_augmentation_is_keyed_by_seed_epoch_row():

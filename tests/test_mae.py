@@ -19,7 +19,7 @@ from tec_pipeline.models.mae import (
 )
 from tec_pipeline.models.vit import build_vit, resolve_arch
 from tec_pipeline.train.loop import LoopConfig, run_training
-from tests.conftest import needs_fashion_mnist
+from tests.conftest import needs_fashion_mnist, tensorboard_scalars
 
 ARCH = resolve_arch("tec_pico_p4_16")  # 16 px, patch 4 → L = 16, D = 48, depth 3
 
@@ -164,3 +164,7 @@ def test_mae_pretrain_resumes_to_the_same_weights(fmnist_shards, tmp_path, monke
     full = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "part" / "checkpoint.pth", weights_only=True)["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # TensorBoard holds the same per-step losses as metrics.csv
+    csv_loss = [float(r.split(",")[3]) for r in (tmp_path / "full" / "metrics.csv").read_text().splitlines()[1:]]
+    scalars = tensorboard_scalars(tmp_path / "full")
+    assert scalars["train/loss"] == pytest.approx(csv_loss, rel=1e-6) and "train/lr" in scalars

@@ -24,7 +24,13 @@ from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.train.pretrain import store_mismatches
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
+from tests.conftest import (
+    assert_one_line_error,
+    needs_fashion_mnist,
+    run_tec,
+    tec_in_process,
+    tensorboard_scalars,
+)
 
 pytestmark = needs_fashion_mnist
 K = 4
@@ -129,6 +135,10 @@ def test_loss_falls(mode: str, store: Path, fmnist_shards: Path, pico_base: Path
     rows = [ln.split(",") for ln in (out / "metrics.csv").read_text().splitlines()[1:]]
     losses = np.array([float(r[3]) for r in rows])
     assert losses[-5:].mean() < 0.9 * losses[:5].mean(), losses
+    scalars = tensorboard_scalars(out)  # TensorBoard holds the same per-step record as metrics.csv
+    assert {"train/loss", "train/loss_fea", "train/loss_att", "train/lr", "train/img_per_s",
+            "train/data_wait"} <= set(scalars), sorted(scalars)
+    np.testing.assert_allclose(scalars["train/loss"], losses, rtol=1e-6)
 
 
 def test_store_mismatches_are_named(store: Path, fmnist_shards: Path, tmp_path: Path, image_folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -42,3 +43,62 @@ def test_recipe_dry_run_prints_published_flags(recipe: str) -> None:
                  f"--min-lr {min_lr}"]:
         assert flag in finetune, (flag, finetune)
     assert any(" convert " in ln for ln in lines)
+
+
+def _tec_invocations(lines: list[str]) -> list[list[str]]:
+    """argv after `tec` / `cli.py` for every tec command a dry run prints."""
+    calls = []
+    for line in lines:
+        argv = shlex.split(line)
+        for i, token in enumerate(argv):
+            if token.endswith(("/tec", "cli.py")) and i + 1 < len(argv):
+                calls.append(argv[i + 1:])
+                break
+    return calls
+
+
+def _check_against_cli(argv: list[str]) -> None:
+    """Every flag a recipe passes is an option of that command, and its value converts to the option's type."""
+    import click
+
+    import cli
+
+    name, rest = argv[0], argv[1:]
+    command = cli.tec.get_command(click.Context(cli.tec), name)
+    assert command is not None, f"recipe runs an unknown command {name!r}"
+    options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            i += 1
+            continue
+        flag, _, inline = token.partition("=")
+        assert flag in options, f"tec {name} rejects {flag} (known: {', '.join(sorted(options))})"
+        param = options[flag]
+        if param.is_flag:
+            i += 1
+            continue
+        value = inline or rest[i + 1]
+        if not isinstance(param.type, click.Path):  # paths name the user's machine, not this one
+            param.type.convert(value, param, None)  # raises click.BadParameter for a value the CLI refuses
+        i += 1 if inline else 2
+
+
+@pytest.mark.parametrize("recipe", sorted(PUBLISHED))
+def test_recipe_commands_are_accepted_by_the_cli(recipe: str) -> None:
+    proc = subprocess.run(["make", "-n", f"imagenet-{recipe}", "DATA=/data/in1k", "BASE=/ckpt/base.pth", "GPUS=8"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    calls = _tec_invocations(proc.stdout.replace("\\\n", " ").splitlines())  # join continued lines
+    assert {c[0] for c in calls} >= {"cache-targets", "pretrain", "convert", "finetune"}, calls
+    for argv in calls:
+        _check_against_cli(argv)
+
+
+def test_the_cli_check_rejects_an_unknown_flag() -> None:
+    with pytest.raises(AssertionError, match="rejects --no-such-flag"):
+        _check_against_cli(["pretrain", "--epochs", "3", "--no-such-flag", "1"])
+    import click
+
+    with pytest.raises(click.BadParameter):
+        _check_against_cli(["pretrain", "--epochs", "three"])

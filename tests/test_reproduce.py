@@ -1,4 +1,5 @@
-"""`make reproduce` end to end at CI size: every arm trained and evaluated, the report and figures written."""
+"""`make reproduce` end to end at CI size: every arm trained and evaluated over two seeds, the report (with
+paired intervals) and figures written."""
 
 from __future__ import annotations
 
@@ -15,18 +16,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_reproduce_pipeline_writes_report_and_figures(tmp_path: Path) -> None:
     out = tmp_path / "repro"
     settings = [f"REPRO_OUT={out}", "N_TRAIN=300", "N_TEST=200", "E1=1", "E2=1", "REPRO_ARCH=tec_pico_p4_16",
-                "TOPK=4", "REPRO_BATCH=32", "LOADER_WORKERS=0"]
-    proc = subprocess.run(["make", "reproduce", *settings], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                "TOPK=4", "REPRO_BATCH=32", "LOADER_WORKERS=0", "SEEDS=0 1"]
+    proc = subprocess.run(["make", "reproduce", *settings], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["arms"]) == {"random", "base", "tec-cached", "tec-online", "mae-control"}
+    assert results["seeds"] == [0, 1]
     for name, arm in results["arms"].items():
-        assert 0 < arm["linprobe_top1"] <= 100 and 0 < arm["knn_top1"] <= 100
-        assert (arm["seconds"] is None) == (name == "random") and (arm["seconds"] or 1) > 0
-    assert results["arms"]["tec-cached"]["base_forward_passes"] == 2 * 300  # V=2 views, paid once
+        seeded = name not in ("random", "base")
+        assert len(arm["linprobe_top1"]) == (2 if seeded else 1), arm
+        assert all(0 < v <= 100 for v in arm["linprobe_top1"] + arm["knn_top1"])
+        assert (arm["seconds_per_seed"] is None) == (name == "random") and (arm["seconds_per_seed"] or 1) > 0
+    cached = results["arms"]["tec-cached"]
+    assert cached["runs"] == ["tec-cached-s0", "tec-cached-s1"] and cached["linprobe_std"] >= 0
+    assert cached["linprobe_top1"][0] != cached["linprobe_top1"][1]  # the seed reaches the student
+    assert results["cache"]["base_forward_passes"] == 2 * 300  # V=2 views, paid once for every seed
     assert results["store"]["image_views"] == 600
+    for comparison in ("TEC − control", "cached − online", "TEC − base"):
+        d = results["differences"][comparison]["linprobe"]
+        assert d["n"] == 2 and d["low"] <= d["mean"] <= d["high"], d
     report = (out / "report.md").read_text()
-    assert "| MAE base, 1 epochs (`base`) |" in report and "## Commands" in report and "tec cache-targets" in report
+    assert "| MAE base, 1 epochs (`base`) | 1 |" in report and "## Commands" in report and "tec cache-targets" in report
+    assert "mean [95 % interval]" in report and "| TEC − control |" in report and "± " in report
+    assert "**The cache is as good as online**" in report and "Control: 1 more MAE epochs" in report
     for png in ("loss_curves.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second make has nothing left to do: every step is a finished file target

@@ -31,6 +31,7 @@ class FrozenEvalConfig:
     seed: int = 0
     k: int = 20
     temperature: float = 0.07
+    protocol: str = "lbfgs"  # linear probe only: see eval/linear.py PROTOCOLS
 
 
 def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
@@ -49,5 +50,5 @@ def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
     if method == "knn":
         result = knn_evaluate(train, test, cfg.k, cfg.temperature, device)
     else:
-        result = linear_probe(train, test, cfg.seed, device)
+        result = linear_probe(train, test, cfg.seed, device, cfg.protocol)
     return evaluation_record(method, info, len(train), len(test), cfg.seed, result)

@@ -14,7 +14,9 @@ Schema (accuracies in percent; every command writes the common keys):
       "pooling": "cls" | "mean",
       "per_pooling": {"cls": {"top1", "top5", ...}, "mean": {"top1", "top5", ...}},
           # cls = CLS token after the final norm; mean = mean of the patch tokens after the final norm
-          # linprobe entries also hold "weight_decay" (the L2 penalty chosen on a 10 % hold-out of train)
+          # linprobe entries also hold "weight_decay" (lbfgs: the L2 penalty chosen on a 10 % hold-out of
+          # train) or "lr" and "config" (mae)
+      # linprobe: "protocol": {"name": "lbfgs" | "mae", "description": str}
       # knn: "k": int, "temperature": float
       # finetune: "epochs": int, "run_dir": str, "final_train_loss": float, "config": {...}
     }

@@ -1,11 +1,7 @@
-"""The reproduction report: results table, loss curves, accuracy chart, and the exact commands and configs.
+"""The reproduction report: results over seeds with intervals, loss curves, accuracy chart, commands, configs.
 
-Reads what `make reproduce` leaves in its run directory R:
-  R/evals/<arm>-{linprobe,knn}.json   evaluation results (schema: tec_pipeline/eval/report.py)
-  R/<run>/metrics.csv, config.yaml     training curves and resolved configs of each run
-  R/timing/<step>.ms                   wall time of each step
-  R/targets.zarr                       the target store (size, bytes per view)
-  R/commands.sh                        every command, in order
+The numbers come from `repro/results.py` (what each file of the run directory means is documented there); this
+module turns them into R/report.md, R/results.json, R/loss_curves.png and R/accuracy.png.
 """
 
 from __future__ import annotations
@@ -13,54 +9,26 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tec_pipeline.config import require
-from tec_pipeline.data.shards import load_manifest
+from tec_pipeline.repro.results import COMPARISONS, METHODS, claims, results
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    label: str
-    run: str  # run directory holding metrics.csv
-    timing: tuple[str, ...]  # timing files that make up the arm's own cost
-
-
-ARMS = (
-    Arm("random", "random-init encoder (floor)", "", ()),
-    Arm("base", "MAE base, E1 epochs", "mae", ("base",)),
-    Arm("tec-cached", "TEC from the cache, E2 epochs", "tec-cached", ("cache", "tec-cached")),
-    Arm("tec-online", "TEC online, E2 epochs", "tec-online", ("tec-online",)),
-    Arm("mae-control", "MAE base + E2 more MAE epochs", "mae-control", ("mae-control",)),
-)
-METHODS = ("linprobe", "knn")
 # what the control arm is (reproduce.mk: `mae-pretrain --init-from base.pth --init-optimizer --epochs E2`)
 CONTROL = ("Control: {e2} more MAE epochs started from the base model's final weights and optimizer state, as a "
            "new run with its own schedule ({warmup} warm-up epochs, cosine over {e2} epochs), so it trains as many "
            "epochs as each TEC student; it is not one uninterrupted {e1}+{e2}-epoch MAE schedule.")
 
 
-def control_sentence(root: Path, e1: int, e2: int) -> str:
+def control_sentence(root: Path, e1: int, e2: int, seed: int) -> str:
     """What the control arm is, with the warm-up its run recorded (config.yaml)."""
-    cfg = root / "mae-control" / "config.yaml"
+    cfg = root / f"mae-control-s{seed}" / "config.yaml"
     warmup = yaml.safe_load(cfg.read_text()).get("warmup_epochs", "?") if cfg.is_file() else "?"
     return CONTROL.format(e1=e1, e2=e2, warmup=f"{warmup:g}" if isinstance(warmup, (int, float)) else warmup)
-
-
-def _seconds(root: Path, names: tuple[str, ...]) -> float | None:
-    if not names:
-        return None
-    files = [root / "timing" / f"{n}.ms" for n in names]
-    if not all(f.is_file() for f in files):
-        return None
-    return sum(int(f.read_text().strip()) for f in files) / 1000
 
 
 def _metrics(path: Path) -> list[dict[str, float]]:
@@ -70,60 +38,35 @@ def _metrics(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def _eval(root: Path, arm: str, method: str) -> dict[str, Any] | None:
-    path = root / "evals" / f"{arm}-{method}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _store_summary(root: Path) -> dict[str, Any] | None:
-    from tec_pipeline.store.layout import TargetStore
-
-    if not (root / "targets.zarr" / "zarr.json").is_file():
-        return None
-    d = TargetStore.open(str(root / "targets.zarr")).describe()
-    fp16 = d["spec"]["patches"] * d["spec"]["dim"] * 2 + (1 + d["spec"]["k"]) * d["spec"]["heads"] * d["spec"]["patches"] * 2
-    return {"stored_bytes": d["stored_bytes"], "per_view": d["stored_bytes_per_image_view"], "raw_fp16_per_view": fp16,
-            "codec": d["codec"], "views": d["views"], "rows": d["rows"], "image_views": d["rows_done"]}
-
-
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def results(root: Path, views: int, e1: int, e2: int) -> dict[str, Any]:
-    """Everything the report states, as numbers (also written as results.json)."""
-    n_train = load_manifest(root / "shards" / "train").total_rows
-    forward_passes = {"random": 0, "base": 0, "tec-cached": views * n_train, "tec-online": e2 * n_train,
-                      "mae-control": 0}
-    arms = {}
-    for arm in ARMS:
-        evals = {m: _eval(root, arm.name, m) for m in METHODS}
-        arms[arm.name] = {
-            "label": arm.label.replace("E1+E2", str(e1 + e2)).replace("E1", str(e1)).replace("E2", str(e2)),
-            **{f"{m}_top1": (e["top1"] if e else None) for m, e in evals.items()},
-            "base_forward_passes": forward_passes[arm.name],
-            "seconds": _seconds(root, arm.timing),
-        }
-    return {"n_train": n_train, "views": views, "e1": e1, "e2": e2, "arms": arms, "store": _store_summary(root)}
+def _mean_std(arm: dict[str, Any], method: str) -> str:
+    mean, std = arm[f"{method}_mean"], arm[f"{method}_std"]
+    if mean is None:
+        return "—"
+    return f"{mean:.2f} ± {std:.2f}" if len(arm["runs"]) > 1 else f"{mean:.2f}"
 
 
-def _claims(r: dict[str, Any]) -> list[str]:
-    a = r["arms"]
-    lines = []
-    for m in METHODS:
-        key = f"{m}_top1"
-        vals = {n: a[n][key] for n in a}
-        if None in vals.values():
-            continue
-        beat_control = vals["tec-cached"] - vals["mae-control"]
-        beat_base = vals["tec-cached"] - vals["base"]
-        gap = vals["tec-cached"] - vals["tec-online"]
-        floor = vals["base"] - vals["random"]
-        lines.append(
-            f"- **{m}**: the MAE base is {floor:+.2f} points over a random-init encoder; TEC (cached) {'beats' if beat_control > 0 else 'does not beat'} the MAE control by "
-            f"{beat_control:+.2f} points and {'surpasses' if beat_base > 0 else 'does not surpass'} its base model by "
-            f"{beat_base:+.2f}; cached minus online = {gap:+.2f} points "
-            f"({'within' if abs(gap) <= 0.3 else 'outside'} 0.3).")
+def results_table(r: dict[str, Any]) -> list[str]:
+    lines = ["| arm | seeds | linear probe top-1 (mean ± std) | kNN top-1 (mean ± std) | base-model forward passes "
+             "| wall time per seed (s) |", "|---|---|---|---|---|---|"]
+    for name, a in r["arms"].items():
+        lines.append(f"| {a['label']} (`{name}`) | {len(a['runs'])} | {_mean_std(a, 'linprobe')} | "
+                     f"{_mean_std(a, 'knn')} | {a['base_forward_passes']:,} | {_fmt(a['seconds_per_seed'], '.0f')} |")
+    cache = r["cache"]
+    lines.append(f"| target store (`cache-targets`, made once, serves every seed) | — | — | — | "
+                 f"{cache['base_forward_passes']:,} | {_fmt(cache['seconds'], '.0f')} |")
+    return lines
+
+
+def differences_table(r: dict[str, Any]) -> list[str]:
+    lines = ["| paired difference (points) | linear probe: mean [95 % interval] | kNN: mean [95 % interval] |",
+             "|---|---|---|"]
+    for name, _, _ in COMPARISONS:
+        cells = [(d["text"] if (d := r["differences"][name][m]) else "—") for m in METHODS]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -134,14 +77,16 @@ def _plot(root: Path, r: dict[str, Any]) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, ax in (("mae", axes[0]), ("mae-control", axes[0]), ("tec-cached", axes[1]), ("tec-online", axes[1])):
-        rows = _metrics(root / arm / "metrics.csv")
+    seeded = [(f"{arm}-s{s}", ax) for s in r["seeds"] for arm, ax in
+              (("mae-control", axes[0]), ("tec-cached", axes[1]), ("tec-online", axes[1]))]
+    for run, ax in [("mae", axes[0]), *seeded]:
+        rows = _metrics(root / run / "metrics.csv")
         if rows:
-            ax.plot([x["epoch"] for x in rows], [x["loss"] for x in rows], label=arm, lw=1)
+            ax.plot([x["epoch"] for x in rows], [x["loss"] for x in rows], label=run, lw=1)
     axes[0].set(title="MAE loss (norm-pix MSE)", xlabel="epoch", ylabel="loss")
     axes[1].set(title="TEC loss (feature + attention)", xlabel="epoch", ylabel="loss")
     for ax in axes:
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "loss_curves.png", dpi=110)
     plt.close(fig)
@@ -150,12 +95,14 @@ def _plot(root: Path, r: dict[str, Any]) -> tuple[str, str]:
     names = list(r["arms"])
     width = 0.38
     for i, m in enumerate(METHODS):
-        vals = [r["arms"][n][f"{m}_top1"] or 0 for n in names]
-        bars = ax.bar([j + (i - 0.5) * width for j in range(len(names))], vals, width, label=m)
+        means = [r["arms"][n][f"{m}_mean"] or 0 for n in names]
+        stds = [r["arms"][n][f"{m}_std"] or 0 for n in names]
+        bars = ax.bar([j + (i - 0.5) * width for j in range(len(names))], means, width, yerr=stds, capsize=3,
+                      label=m)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="top-1 (%)", title="Fashion-MNIST test accuracy of frozen encoders")
-    lows = [v for n in names for m in METHODS if (v := r["arms"][n][f"{m}_top1"]) is not None]
+    ax.set(ylabel="top-1 (%), mean ± std over seeds", title="Fashion-MNIST test accuracy of frozen encoders")
+    lows = [v for n in names for m in METHODS if (v := r["arms"][n][f"{m}_mean"]) is not None]
     if lows:
         ax.set_ylim(max(0, min(lows) - 10), min(100, max(lows) + 5))
     ax.legend()
@@ -165,22 +112,24 @@ def _plot(root: Path, r: dict[str, Any]) -> tuple[str, str]:
     return "loss_curves.png", "accuracy.png"
 
 
-def _configs(root: Path) -> list[str]:
+def _configs(root: Path, seed: int) -> list[str]:
     out = []
-    for run in ("mae", "tec-cached", "tec-online", "mae-control"):
+    for run in ("mae", f"tec-cached-s{seed}", f"tec-online-s{seed}", f"mae-control-s{seed}"):
         cfg = root / run / "config.yaml"
         if cfg.is_file():
             out += [f"`{run}/config.yaml`", "", "```yaml", cfg.read_text().strip(), "```", ""]
     return out
 
 
-def results_table(r: dict[str, Any]) -> list[str]:
-    lines = ["| arm | linear probe top-1 | kNN top-1 | base-model forward passes | wall time (s) |",
-             "|---|---|---|---|---|"]
-    for name, a in r["arms"].items():
-        lines.append(f"| {a['label']} (`{name}`) | {_fmt(a['linprobe_top1'])} | {_fmt(a['knn_top1'])} | "
-                     f"{a['base_forward_passes']:,} | {_fmt(a['seconds'], '.0f')} |")
-    return lines
+def _cost_line(r: dict[str, Any]) -> str:
+    tec, control, cache = (r["arms"]["tec-cached"]["seconds_per_seed"], r["arms"]["mae-control"]["seconds_per_seed"],
+                           r["cache"]["seconds"])
+    if None in (tec, control, cache):
+        return "Cost: timings missing."
+    return (f"Cost per seed: TEC from the cache {tec:.0f} s of training (+ {cache:.0f} s once for the store, shared "
+            f"by every seed and student), the control {control:.0f} s; online TEC runs the base model "
+            f"{r['arms']['tec-online']['base_forward_passes']:,} times per seed against "
+            f"{r['cache']['base_forward_passes']:,} once for the cache.")
 
 
 def write_report(root: str | Path, views: int, e1: int, e2: int) -> Path:
@@ -197,18 +146,24 @@ def write_report(root: str | Path, views: int, e1: int, e2: int) -> Path:
                   f"({store['views']} views x {store['rows']:,} rows, codec {store['codec']}); "
                   f"{store['per_view']:,.0f} B per view stored vs {store['raw_fp16_per_view']:,} B raw fp16")
     commands = (root / "commands.sh").read_text().strip() if (root / "commands.sh").is_file() else ""
+    seeds = ", ".join(map(str, r["seeds"])) or "none"
+    first = r["seeds"][0] if r["seeds"] else 0
     lines = [
         "# TEC reproduction on Fashion-MNIST", "",
         f"{r['n_train']:,} training images; MAE base E1 = {e1} epochs; TEC students E2 = {e2} epochs from "
-        f"V = {views} cached views (cached) or fresh views (online). {control_sentence(root, e1, e2)} "
+        f"V = {views} cached views (cached) or fresh views (online). {control_sentence(root, e1, e2, first)} "
+        f"Seeds {seeds}: the shards, the base model and the store are made once; each seed trains its own TEC "
+        "students and control (initialisation, masks, data order), so arms are compared seed by seed. "
         "Accuracies are top-1 (%) on the test split, frozen encoders (exported timm weights), best of CLS and "
-        "mean pooling. Wall times are this machine's.", "",
+        "mean pooling, linear probe by L-BFGS (not MAE's protocol). Wall times are this machine's.", "",
         *results_table(r), "",
-        f"Target store: {store_line}.", "",
-        "## What it shows", "", *(_claims(r) or ["- evaluations missing"]), "",
+        "Paired differences over seeds (mean with its Student-t 95 % interval):", "",
+        *differences_table(r), "",
+        f"Target store: {store_line}.", "", _cost_line(r), "",
+        "## What it shows", "", *claims(r), "",
         f"![loss curves]({loss_png})", "", f"![accuracy]({acc_png})", "",
         "## Commands", "", "```sh", commands, "```", "",
-        "## Configuration", "", *_configs(root),
+        f"## Configuration (seed {first})", "", *_configs(root, first),
     ]
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")

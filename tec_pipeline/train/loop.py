@@ -44,11 +44,12 @@ from tec_pipeline import __version__
 from tec_pipeline.config import require, save_config, to_plain
 from tec_pipeline.devices import resolve_device, threads_beside_workers
 from tec_pipeline.errors import UserError
+from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train import distributed as tdist
 from tec_pipeline.train import run_dir as run_dirs
-from tec_pipeline.train.metrics import EpochLog, MetricsLogger, progress_enabled
+from tec_pipeline.train.metrics import EpochLog, MetricsLogger
 from tec_pipeline.train.optim import build_optimizer
 from tec_pipeline.train.schedule import (
     absolute_lr,

@@ -1,8 +1,10 @@
-"""Per-step metrics: RUN/metrics.csv (rank 0), TensorBoard when it is installed, and the progress-bar switch.
+"""Per-step metrics on rank 0: RUN/metrics.csv and TensorBoard event files under RUN/tensorboard; the per-epoch
+log line off a terminal.
 
 Columns: step (optimizer steps done), epoch (fractional), lr, every loss term the step returned ('loss' first),
 img_per_s (images per second over all ranks) and data_wait (fraction of the step's wall time spent waiting for
 the loader). On resume the rows past the checkpoint's step are dropped, so the file reads as one clean run.
+TensorBoard gets the same values as scalars `train/<column>` (`tensorboard --logdir RUN`, as MAE users do).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,6 @@ log = logging.getLogger(__name__)
 
 FIXED_HEAD = ("step", "epoch", "lr")
 FIXED_TAIL = ("img_per_s", "data_wait")
-
-
-def progress_enabled(is_main: bool) -> bool:
-    """tqdm bars on rank 0 only, on a terminal, and not when TEC_NO_PROGRESS=1."""
-    return is_main and sys.stderr.isatty() and os.environ.get("TEC_NO_PROGRESS", "0") != "1"
 
 
 class EpochLog:
@@ -49,10 +45,8 @@ class EpochLog:
 
 
 def _tensorboard_writer(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional; the CSV is the record
-        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it costs ~1 s and only rank 0 needs it
+
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
