@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from tec_pipeline.config import config_option
 from tec_pipeline.store.layout import TargetStore
 from tec_pipeline.store.verify import verify_store
 
@@ -36,6 +37,7 @@ def _summary_lines(d: dict) -> list[str]:
 
 
 @click.command("inspect")
+@config_option
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def command(store: str, as_json: bool) -> None:
@@ -45,6 +47,7 @@ def command(store: str, as_json: bool) -> None:
 
 
 @click.command("verify")
+@config_option
 @click.argument("store")
 @click.option("--shards", required=True, type=click.Path(), help="The shards the store should belong to.")
 @click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),

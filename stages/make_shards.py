@@ -32,6 +32,7 @@ def command(source: str, out: str, split: str, shard_size: int, limit: int | Non
 
 
 @click.command("index-shards")
+@config_option
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--class-names", default=None, help="Comma-separated class names, in label order.")
 def index_command(directory: str, class_names: str | None) -> None:

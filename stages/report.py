@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from tec_pipeline.config import config_option
 from tec_pipeline.repro.ablation import write_ablation_report
 from tec_pipeline.repro.report import write_report
 
 
 @click.command("report")
+@config_option
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--views", default=2, show_default=True, type=click.IntRange(min=1), help="V of the target store.")
 @click.option("--e1", default=10, show_default=True, type=click.IntRange(min=1), help="Base-model epochs.")

@@ -130,3 +130,23 @@ def test_bad_input_gives_one_line_and_exit_2(command: str, kind: str, shards: Pa
     assert captured.err.startswith("Error: ") and captured.err.count("\n") == 1, captured.err
     assert "Traceback" not in captured.err and captured.out == "", captured
     assert not list(tmp_path.glob(f"{OUT}*")) and not missing.exists(), "a refused command left output behind"
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_accepts_a_config_file(command: str) -> None:
+    import click
+
+    cmd = cli.tec.get_command(click.Context(cli.tec), command)
+    assert "--config" in {opt for p in cmd.params for opt in p.opts}, f"tec {command} has no --config"
+
+
+def test_config_file_supplies_an_argument_and_an_option(shards: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`tec verify --config f.yaml` takes STORE's --shards from the file: the refusal names the file's store."""
+    config = tmp_path / "verify.yaml"
+    missing = tmp_path / "no-such-store.zarr"
+    config.write_text(f"shards: {shards}\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verify", "--config", str(config), str(missing)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(missing) in err and "--shards" not in err, err  # --shards came from YAML
