@@ -46,6 +46,7 @@ MAY_CHANGE = frozenset({
     "deterministic",  # kernel choice: bit-exactness, not the recipe
     "loader_workers",  # LoopConfig's: compute threads beside the loader (the loader's own --workers is identity)
     "allow_partial",  # its only effect, which rows train, is in the store fingerprint (tasks done)
+    "log_every",  # how often losses are reduced and logged: no effect on the weights of a finite run
 })
 _RUN_FILES = re.compile(r"^(checkpoint(-\d+)?\.pth|config\.yaml|metrics\.csv|run\.json)$")
 _TEMP_FILES = re.compile(r"^(\.checkpoint(-\d+)?\.pth\.tmp-(\d+)|(config\.yaml|metrics\.csv|run\.json)\.tmp)$")
