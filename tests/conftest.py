@@ -122,3 +122,9 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     return {tag: [event.value for event in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def cache_targets_argv(shards: Path, base: Path, out: Path, settings: dict[str, object]) -> list[str]:
+    """`tec cache-targets` argv with `settings` (CacheConfig field names) as flags."""
+    return ["cache-targets", "--shards", str(shards), "--base-model", str(base), "--out", str(out),
+            *[x for key, value in settings.items() for x in (f"--{key.replace('_', '-')}", str(value))]]

@@ -18,15 +18,14 @@ import tec_pipeline.outputs as outputs
 from tec_pipeline.errors import UserError
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.layout import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
+from tests.conftest import assert_one_line_error, cache_targets_argv, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
 CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
 
 
 def _cache_argv(shards: Path, base: Path, out: Path) -> list[str]:
-    return ["cache-targets", "--shards", str(shards), "--base-model", str(base), "--out", str(out),
-            *[x for key, value in CACHE.items() for x in (f"--{key.replace('_', '-')}", str(value))]]
+    return cache_targets_argv(shards, base, out, CACHE)
 
 
 @pytest.fixture(scope="module")

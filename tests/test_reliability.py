@@ -31,7 +31,7 @@ from tec_pipeline.data.writing import write_shards
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.stage1.cluster import run_group
 from tec_pipeline.store.layout import TargetStore, Task
-from tests.conftest import needs_fashion_mnist, run_tec
+from tests.conftest import cache_targets_argv, needs_fashion_mnist, run_tec
 
 pytestmark = needs_fashion_mnist
 CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
@@ -86,8 +86,7 @@ def one_thread():
 
 
 def _cache_argv(shards: Path, base: Path, out: Path) -> list[str]:
-    return ["cache-targets", "--shards", str(shards), "--base-model", str(base), "--out", str(out),
-            *[x for key, value in CACHE.items() for x in (f"--{key.replace('_', '-')}", str(value))]]
+    return cache_targets_argv(shards, base, out, CACHE)
 
 
 @pytest.fixture(scope="module")

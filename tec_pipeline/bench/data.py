@@ -75,6 +75,19 @@ def _generated(rng: np.random.Generator, height: int, width: int) -> Image.Image
     return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
 
 
+def photo_crop(photos: list[Image.Image], i: int, rng: np.random.Generator, w: int, h: int,
+               min_scale: float) -> Image.Image:
+    """A w×h image: a random crop (min_scale..1 of each side) of sample photo i, or generated noise without
+    scikit-image."""
+    if not photos:
+        return _generated(rng, h, w)
+    photo = photos[i % len(photos)]
+    scale = rng.uniform(min_scale, 1.0)
+    cw, ch = int(photo.width * scale), int(photo.height * scale)
+    left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+    return photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR)
+
+
 def write_image_folder(root: Path, count: int, kind: str, seed: int = 0) -> Path:
     """`count` images in two class folders: 'photos' (JPEG crops, 256-512 px) or 'gray28' (28 px PNG)."""
     rng = np.random.default_rng(seed)
@@ -87,15 +100,7 @@ def write_image_folder(root: Path, count: int, kind: str, seed: int = 0) -> Path
             _generated(rng, 28, 28).convert("L").save(folder / f"{i:06d}.png")
             continue
         w, h = int(rng.integers(256, 513)), int(rng.integers(256, 513))
-        if photos:
-            photo = photos[i % len(photos)]
-            scale = rng.uniform(0.5, 1.0)
-            cw, ch = int(photo.width * scale), int(photo.height * scale)
-            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
-            image = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR)
-        else:
-            image = _generated(rng, h, w)
-        image.save(folder / f"{i:06d}.jpg", quality=90)
+        photo_crop(photos, i, rng, w, h, min_scale=0.5).save(folder / f"{i:06d}.jpg", quality=90)
     return root
 
 
@@ -138,15 +143,7 @@ def write_photo_shards(out: Path, rows: int, seed: int = 0) -> Manifest:
     photos = sample_photos()
     encoded = []
     for i in range(PHOTO_VARIANTS):
-        w, h = photo_size(i)
-        if photos:
-            photo = photos[i % len(photos)]
-            scale = rng.uniform(0.6, 1.0)
-            cw, ch = int(photo.width * scale), int(photo.height * scale)
-            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
-            image = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR)
-        else:
-            image = _generated(rng, h, w)
+        image = photo_crop(photos, i, rng, *photo_size(i), min_scale=0.6)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         encoded.append(buffer.getvalue())

@@ -3,7 +3,7 @@
 The stand-in returns ViT-B/16-shaped targets (L=196, D=768, H=12, k=15; Gaussian values, the documented worst
 case for the quantising codecs) without computing, so what is measured is everything around the model: read,
 JPEG decode, view sampling and replay, the copies to and from the device, casts, encoding, compression, CRC and
-writes. Images are ImageNet-sized JPEGs (500x375 or 375x500, quality 90) cut from scikit-image's photos.
+writes. Images are ImageNet-sized JPEGs (500x375 or 375x500, quality 90) cut from scikit-image's photos (`bench.data.write_photo_shards`).
 
 Reported per codec as CPU milliseconds per view (process CPU time of this process, its writer threads and
 the decode workers it reaps: a busy host does not move it) and views per second (wall clock: it does).
@@ -18,12 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from tec_pipeline.bench.data import sample_photos
-from tec_pipeline.data.writing import write_shards
+from tec_pipeline.bench.data import write_photo_shards
 from tec_pipeline.models.base import EncoderCheckpoint
 from tec_pipeline.models.vit import resolve_arch
 from tec_pipeline.stage1 import CacheConfig, cache_targets
@@ -62,27 +59,6 @@ def stand_in_checkpoint() -> EncoderCheckpoint:
     return EncoderCheckpoint({}, arch, "stand-in", hashlib.sha256(b"stand-in ViT-B/16").hexdigest(), "stand-in")
 
 
-def write_imagenet_sized_shards(root: Path, count: int, seed: int = 0) -> Path:
-    """`count` JPEGs of 500x375 / 375x500 px (random crops of the sample photos) as shards under root/shards."""
-    rng = np.random.default_rng(seed)
-    photos = sample_photos()
-    folder = root / "images"
-    for c in ("a", "b"):
-        (folder / c).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        w, h = (500, 375) if i % 4 else (375, 500)
-        if photos:
-            photo = photos[i % len(photos)]
-            cw, ch = int(photo.width * rng.uniform(0.6, 1.0)), int(photo.height * rng.uniform(0.6, 1.0))
-            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
-            image = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
-        else:
-            image = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h))
-        image.save(folder / ("a", "b")[i % 2] / f"{i:06d}.jpg", quality=90)
-    write_shards(f"imagefolder:{folder}", root / "shards", "train", shard_size=256, seed=seed, progress=False)
-    return root / "shards"
-
-
 def _cpu_seconds() -> float:
     """CPU seconds of this process (every thread) and of its reaped children (the decode workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -110,7 +86,8 @@ def host_path_cost(shards: Path, work: Path, codec: str, device: torch.device, v
 
 def compare_host_path(root: Path, device: torch.device, images: int, loader_workers: int = 1) -> dict[str, Any]:
     """Host-path cost per codec on `images` ImageNet-sized JPEGs at V=2, with the goals beside them."""
-    shards = write_imagenet_sized_shards(root / "host-path", images)
+    shards = root / "host-path" / "shards"
+    write_photo_shards(shards, images)
     out: dict[str, Any] = {"images": images, "views": 2, "loader_workers": loader_workers, "codecs": {}}
     for codec in HOST_PATH_CODECS:
         out["codecs"][codec] = host_path_cost(shards, root, codec, device, loader_workers=loader_workers)
