@@ -40,3 +40,19 @@ def test_paired_interval_by_hand() -> None:
     assert paired_difference([1.0], [0.5]).low is None
     with pytest.raises(ValueError):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_claim_verdicts_follow_the_intervals() -> None:
+    from tec_pipeline.repro.results import _verdict_better, _verdict_equal
+
+    def d(low: float, high: float) -> dict:
+        return {"low": low, "high": high, "text": f"[{low}, {high}]"}
+
+    assert _verdict_better(d(0.1, 2.0)).startswith("supported")
+    assert _verdict_better(d(-3.0, -1.0)).startswith("contradicted")
+    assert _verdict_better(d(-1.0, 1.0)).startswith("not shown")
+    assert _verdict_equal(d(-0.2, 0.25)).startswith("supported")
+    assert _verdict_equal(d(0.5, 1.0)).startswith("contradicted")
+    assert "a difference is established" in _verdict_equal(d(-1.54, -0.13))  # excludes 0, reaches inside ±0.3
+    assert "neither equality nor a difference" in _verdict_equal(d(-1.4, 1.2))
+    assert "fewer than 2 seeds" in _verdict_equal({"low": None, "high": None, "text": ""})

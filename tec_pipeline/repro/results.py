@@ -151,6 +151,9 @@ def _verdict_equal(d: dict[str, Any] | None) -> str:
         return f"supported: {d['text']} points, the 95 % interval lies within ±{m}"
     if d["low"] > m or d["high"] < -m:
         return f"contradicted: {d['text']} points, the 95 % interval lies outside ±{m}"
+    if d["low"] > 0 or d["high"] < 0:
+        return (f"not shown: {d['text']} points; the 95 % interval excludes 0 (a difference is established) but "
+                f"reaches inside ±{m}, so it may still be small")
     return (f"not shown at this scale: {d['text']} points; the 95 % interval is wider than ±{m}, so neither "
             "equality nor a difference is established")
 
