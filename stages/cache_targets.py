@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from stages.common import show_progress
 from tec_pipeline.config import config_option, from_options
+from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
@@ -47,7 +47,7 @@ def command(repair: bool, **options: object) -> None:
         click.echo(f"repair: {len(damaged)} damaged task(s) to recompute" + (f": {named}" if damaged else ""))
     else:
         require_readable_flags(cfg.out)
-    summary = cache_targets(cfg, progress=show_progress())
+    summary = cache_targets(cfg, progress=progress_enabled())
     if summary["rank"] != 0:
         return  # one summary per run, from rank 0 (its counts cover every rank)
     left = summary["tasks_left_to_other_writers"]

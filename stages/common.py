@@ -1,4 +1,4 @@
-"""Small pieces every stage shares: the progress switch (one policy, in tec_pipeline/logs.py)."""
+"""Small pieces every stage shares: the run-directory options of the training commands."""
 
 from __future__ import annotations
 
@@ -6,13 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-
-from tec_pipeline.logs import progress_enabled
-
-
-def show_progress() -> bool:
-    """Progress bars on rank 0, on a terminal, unless TEC_NO_PROGRESS=1."""
-    return progress_enabled()
 
 
 def run_dir_options(f: Callable[..., Any]) -> Callable[..., Any]:

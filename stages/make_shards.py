@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from stages.common import show_progress
 from tec_pipeline.config import config_option
 from tec_pipeline.data.shards import index_shards, write_manifest
 from tec_pipeline.data.writing import write_shards
+from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable, write_errors
 
 
@@ -26,7 +26,7 @@ def command(source: str, out: str, split: str, shard_size: int, limit: int | Non
     """Write SOURCE (fashion-mnist[:DIR] or imagefolder:DIR) as shuffled WebDataset shards."""
     require_writable(out)
     with write_errors(out, "rerun with --overwrite once the destination can take the shards"):
-        manifest = write_shards(source, out, split, shard_size, limit, seed, overwrite, progress=show_progress())
+        manifest = write_shards(source, out, split, shard_size, limit, seed, overwrite, progress=progress_enabled())
     click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards -> {out}/manifest.json "
                f"(fingerprint {manifest.fingerprint[:12]})")
 
