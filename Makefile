@@ -35,6 +35,7 @@ clean:
 	rm -rf $(VENV) runs
 include recipes.mk
 include reproduce.mk
+include study.mk
 
 # Benchmarks (README "Performance"): cached vs online stage 2, stage 1 vs a bare forward, codecs, attention
 # targets, stage-2 memory. On a GPU: make bench BENCH_PRESET=base BENCH_ARGS="--device cuda".

@@ -36,6 +36,7 @@ COMMAND_GROUPS: dict[str, dict[str, str]] = {
         "convert": "stages.convert",
         "linprobe": "stages.evaluate:linprobe_command",
         "knn": "stages.evaluate:knn_command",
+        "frozen-eval": "stages.evaluate:frozen_eval_command",
         "finetune": "stages.evaluate:finetune_command",
     },
     "6. Measure and report": {
@@ -56,6 +57,7 @@ COMMAND_HELP: dict[str, str] = {
     "convert": "Export an encoder as timm VisionTransformer weights (safetensors).",
     "linprobe": "Linear probe of a frozen encoder.",
     "knn": "kNN classification with a frozen encoder.",
+    "frozen-eval": "Linear probe and kNN from one feature extraction.",
     "finetune": "Fine-tune an encoder end to end.",
     "bench": "Measure what caching buys, side by side.",
     "report": "Write the reproduction report of a `make reproduce` run.",

@@ -101,34 +101,3 @@ $(R)/report.md: $(foreach a,$(ARMS),$(R)/evals/$(a)-linprobe.json $(R)/evals/$(a
 
 reproduce-report:
 	$(TEC) report $(R) --views $(VIEWS) --e1 $(E1) --e2 $(E2)
-
-# `make ablate-views`: V in {1, 2, 4, 8} cached vs online at equal student epochs, on the reproduction's
-# shards and base model (built first if missing). One store of 8 views serves every V (--views N).
-ifeq ($(QUICK),1)
-ABLATE_OUT ?= runs/ablate-views-quick
-ABLATE_EPOCHS ?= 8
-else
-ABLATE_OUT ?= runs/ablate-views
-ABLATE_EPOCHS ?= 16
-endif
-ABLATE_VIEWS ?= 1 2 4 8
-A := $(ABLATE_OUT)
-ABLATE_ARMS := $(addprefix cached-v,$(ABLATE_VIEWS)) online
-.PHONY: ablate-views
-ablate-views: install $(A)/report.md
-	@echo "report: $(A)/report.md"
-
-$(A)/targets.zarr/zarr.json: $(R)/base.pth
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) cache-targets --shards $(R)/shards/train --base-model $(R)/base.pth --out $(A)/targets.zarr --views $(lastword $(ABLATE_VIEWS)) --topk $(TOPK) --codec $(REPRO_CODEC) --chunk-rows 250 --batch-size 250 --loader-workers $(LOADER_WORKERS)
-$(A)/cached-v%/done: $(A)/targets.zarr/zarr.json
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) pretrain --targets $(A)/targets.zarr --views $* --shards $(R)/shards/train --out $(A)/cached-v$* --epochs $(ABLATE_EPOCHS) --att-tau $(ATT_TAU) $(TRAIN_OPTS) --seed 0
-	touch $@
-$(A)/online/done: $(R)/base.pth
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) pretrain --base-model $(R)/base.pth --shards $(R)/shards/train --out $(A)/online --epochs $(ABLATE_EPOCHS) --topk $(TOPK) --att-tau $(ATT_TAU) $(TRAIN_OPTS) --seed 0
-	touch $@
-$(A)/evals/%-linprobe.json: $(A)/%/done $(R)/shards/test/manifest.json
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) linprobe --checkpoint $(A)/$*/checkpoint.pth $(EVAL_OPTS) --json $@
-$(A)/evals/%-knn.json: $(A)/%/done $(R)/shards/test/manifest.json
-	OMP_NUM_THREADS=$(REPRO_THREADS) $(TEC) knn --checkpoint $(A)/$*/checkpoint.pth $(EVAL_OPTS) --json $@
-$(A)/report.md: $(foreach a,$(ABLATE_ARMS),$(A)/evals/$(a)-linprobe.json $(A)/evals/$(a)-knn.json)
-	$(TEC) report $(A) --ablation --e2 $(ABLATE_EPOCHS)

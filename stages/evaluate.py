@@ -47,13 +47,16 @@ def _finish(record: dict[str, Any], json_path: str | None) -> None:
                + (f" -> {json_path}" if json_path else ""))
 
 
-def _frozen(method: str, options: dict[str, Any]) -> None:
+def _frozen(methods: tuple[str, ...], options: dict[str, Any], json_paths: dict[str, str | None]) -> None:
     from tec_pipeline.eval.frozen import FrozenEvalConfig, evaluate_frozen
 
     cfg = from_options(FrozenEvalConfig, options)
-    if cfg.json:
-        require_writable(cfg.json, "--json")  # before the features are computed, not after
-    _finish(evaluate_frozen(method, cfg), cfg.json)
+    for flag, path in json_paths.items():
+        if path:
+            require_writable(path, flag)  # before the features are computed, not after
+    records = evaluate_frozen(methods, cfg)
+    for method, path in zip(methods, json_paths.values(), strict=True):
+        _finish(records[method], path)
 
 
 @click.command("linprobe")
@@ -63,7 +66,7 @@ def _frozen(method: str, options: dict[str, Any]) -> None:
                    "mae: MAE's BatchNorm + LARS head, 90 epochs.")
 def linprobe_command(**options: Any) -> None:
     """Linear probe on frozen centre-view features (CLS and mean pooling; the better one is reported)."""
-    _frozen("linprobe", options)
+    _frozen(("linprobe",), options, {"--json": options["json"]})
 
 
 @click.command("knn")
@@ -72,7 +75,23 @@ def linprobe_command(**options: Any) -> None:
 @click.option("--temperature", default=0.07, show_default=True, type=float, help="Vote weight exp(sim / T).")
 def knn_command(**options: Any) -> None:
     """Weighted kNN (cosine, DINO's votes) on frozen centre-view features."""
-    _frozen("knn", options)
+    _frozen(("knn",), options, {"--json": options["json"]})
+
+
+@click.command("frozen-eval")
+@common_options(batch_size=256)
+@click.option("--protocol", type=click.Choice(["lbfgs", "mae"]), default="lbfgs", show_default=True,
+              help="Linear probe protocol (see `tec linprobe --help`).")
+@click.option("--k", default=20, show_default=True, type=int, help="kNN neighbours.")
+@click.option("--temperature", default=0.07, show_default=True, type=float, help="kNN vote weight exp(sim / T).")
+@click.option("--json-prefix", default=None, type=click.Path(dir_okay=False),
+              help="Write PREFIX-linprobe.json and PREFIX-knn.json (the files `tec linprobe` / `tec knn` write).")
+def frozen_eval_command(json_prefix: str | None, **options: Any) -> None:
+    """Linear probe and kNN from one feature extraction (about half the cost of running both commands)."""
+    if options["json"]:
+        raise click.BadParameter("use --json-prefix (one file per method)", param_hint="--json")
+    paths = {f"--json-prefix ({m})": f"{json_prefix}-{m}.json" if json_prefix else None for m in ("linprobe", "knn")}
+    _frozen(("linprobe", "knn"), options, paths)
 
 
 @click.command("finetune")

@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import needs_fashion_mnist, run_tec
 
 PIPELINE_ORDER = ["make-shards", "index-shards", "mae-pretrain", "cache-targets", "inspect", "verify", "pretrain",
-                  "convert", "linprobe", "knn", "finetune", "bench", "report"]
+                  "convert", "linprobe", "knn", "frozen-eval", "finetune", "bench", "report"]
 
 
 def test_help_lists_commands_along_the_pipeline() -> None:

@@ -108,22 +108,31 @@ def run_cli(args: list[str]) -> int:
     return 0
 
 
+def _frozen_args(checkpoint, train, test):
+    return ["--checkpoint", str(checkpoint), "--train-shards", str(train), "--test-shards", str(test),
+            "--limit-train", "200"]
+
+
 @needs_fashion_mnist
-@pytest.mark.parametrize("method", ["linprobe", "knn"])
-def test_frozen_evaluation_writes_json_schema(method, fmnist_shards, fmnist_test_shards, micro_checkpoint, tmp_path):
-    out = tmp_path / "result.json"
-    args = [method, "--checkpoint", str(micro_checkpoint), "--train-shards", str(fmnist_shards),
-            "--test-shards", str(fmnist_test_shards), "--json", str(out), "--limit-train", "200"]
-    assert run_cli(args) == 0
-    record = json.loads(out.read_text())
-    assert set(REQUIRED_KEYS) <= set(record)
-    assert record["method"] == method and record["arch"] == MICRO.name
-    assert record["n_train"] == 200 and record["n_test"] == 100 and record["num_classes"] == 10
-    assert set(record["per_pooling"]) == {"cls", "mean"}
-    assert record["top1"] == max(v["top1"] for v in record["per_pooling"].values())
-    assert record["top1"] > 20  # even a random ViT's features beat chance (10 %) on Fashion-MNIST
-    if method == "linprobe":  # the JSON says which protocol produced the number
-        assert record["protocol"]["name"] == "lbfgs" and "not MAE's protocol" in record["protocol"]["description"]
+def test_frozen_evaluation_writes_json_schema(fmnist_shards, fmnist_test_shards, micro_checkpoint, tmp_path):
+    """linprobe and knn write the JSON schema; frozen-eval, from one feature extraction, writes the same two
+    records."""
+    args = _frozen_args(micro_checkpoint, fmnist_shards, fmnist_test_shards)
+    for method in ("linprobe", "knn"):
+        assert run_cli([method, *args, "--json", str(tmp_path / f"alone-{method}.json")]) == 0
+    assert run_cli(["frozen-eval", *args, "--json-prefix", str(tmp_path / "both")]) == 0
+    for method in ("linprobe", "knn"):
+        record = json.loads((tmp_path / f"alone-{method}.json").read_text())
+        assert set(REQUIRED_KEYS) <= set(record)
+        assert record["method"] == method and record["arch"] == MICRO.name
+        assert record["n_train"] == 200 and record["n_test"] == 100 and record["num_classes"] == 10
+        assert set(record["per_pooling"]) == {"cls", "mean"}
+        assert record["top1"] == max(v["top1"] for v in record["per_pooling"].values())
+        assert record["top1"] > 20  # even a random ViT's features beat chance (10 %) on Fashion-MNIST
+        if method == "linprobe":  # the JSON says which protocol produced the number
+            assert record["protocol"]["name"] == "lbfgs" and "not MAE's protocol" in record["protocol"]["description"]
+        both = json.loads((tmp_path / f"both-{method}.json").read_text())
+        assert both["per_pooling"] == record["per_pooling"] and both["top1"] == record["top1"]
 
 
 @needs_fashion_mnist

@@ -34,12 +34,14 @@ class FrozenEvalConfig:
     protocol: str = "lbfgs"  # linear probe only: see eval/linear.py PROTOCOLS
 
 
-def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
-    """Load the encoder, extract centre-view features of both splits, run `method`; the JSON record."""
+def evaluate_frozen(methods: tuple[str, ...], cfg: FrozenEvalConfig) -> dict[str, dict[str, Any]]:
+    """Load the encoder, extract centre-view features of both splits once, run each of `methods` on them;
+    {method: JSON record}. One extraction serves both methods: it is most of an evaluation's cost."""
     from tec_pipeline.models.base import load_encoder
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {METHODS}, got {methods!r}")
     require(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     require(cfg.k >= 1 and cfg.temperature > 0, f"--k must be >= 1 and --temperature > 0, got {cfg.k}, {cfg.temperature}")
     encoder, info = load_encoder(cfg.checkpoint, cfg.arch, arch_flag="--arch", input_size=cfg.input_size)
@@ -47,8 +49,11 @@ def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
     device, size = resolve_device("auto"), info.arch.img_size
     train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device)
     test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device)
-    if method == "knn":
-        result = knn_evaluate(train, test, cfg.k, cfg.temperature, device)
-    else:
-        result = linear_probe(train, test, cfg.seed, device, cfg.protocol)
-    return evaluation_record(method, info, len(train), len(test), cfg.seed, result)
+    records = {}
+    for method in methods:
+        if method == "knn":
+            result = knn_evaluate(train, test, cfg.k, cfg.temperature, device)
+        else:
+            result = linear_probe(train, test, cfg.seed, device, cfg.protocol)
+        records[method] = evaluation_record(method, info, len(train), len(test), cfg.seed, result)
+    return records

@@ -124,9 +124,11 @@ ARCH_PRESETS: dict[str, ViTArch] = {
         _preset("vit_small_patch16_224", "vit_small_patch16_224", 224, 16, 384, 12, 6, 256, 8),
         _preset("vit_base_patch16_224", "vit_base_patch16_224", 224, 16, 768, 12, 12, 512, 16),
         _preset("vit_large_patch16_224", "vit_large_patch16_224", 224, 16, 1024, 24, 16, 768, 16),
-        # project presets for Fashion-MNIST-sized inputs
+        # project presets for Fashion-MNIST-sized inputs (nano / micro / mini: the student sizes of `make study`)
         _preset("tec_pico_p4_16", "vit_tiny_patch16_224", 16, 4, 48, 3, 2, 32, 2),
+        _preset("tec_nano_p4_28", "vit_tiny_patch16_224", 28, 4, 48, 6, 3, 64, 4),
         _preset("tec_micro_p4_28", "vit_tiny_patch16_224", 28, 4, 96, 6, 3, 64, 4),
+        _preset("tec_mini_p4_28", "vit_tiny_patch16_224", 28, 4, 144, 6, 3, 64, 4),
         _preset("tec_tiny_p4_28", "vit_tiny_patch16_224", 28, 4, 192, 12, 3, 128, 4),
         _preset("tec_tiny_p4_32", "vit_tiny_patch16_224", 32, 4, 192, 12, 3, 128, 4),
     )
