@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TEC := $(VENV)/bin/tec
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install test lint fashion-mnist clean
+.PHONY: install test test-fast lint fashion-mnist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ fashion-mnist:
 	fi
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check tec_pipeline stages cli.py tests

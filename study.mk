@@ -22,10 +22,6 @@ STUDY_CODECS ?= fp32 fp16 int8 ecq
 STUDY_VIEWS ?= 1 4 8
 STUDY_SIZES ?= tec_nano_p4_28 tec_mini_p4_28
 STUDY_STORE_VIEWS := 8
-# $(call step,NAME,COMMAND[,THREADS]): run COMMAND (OMP_NUM_THREADS=THREADS, default one), record it in
-# commands.sh, its wall ms and CPU seconds in timing/NAME.{ms,cpu}
-step = mkdir -p $(S) && echo '$(2)' >> $(S)/commands.sh && \
-	OMP_NUM_THREADS=$(or $(3),$(REPRO_THREADS)) $(PY) -m tec_pipeline.repro.timed $(S)/timing $(1) -- $(2)
 STUDY_TRAIN = $(TEC) pretrain --shards $(R)/shards/train --epochs $(STUDY_E2) --att-tau $(ATT_TAU) $(TRAIN_OPTS)
 CACHE_OPTS = --shards $(R)/shards/train --base-model $(R)/base.pth --topk $(TOPK) --chunk-rows 250 \
 	--batch-size 250 --loader-workers $(LOADER_WORKERS)
@@ -41,31 +37,31 @@ study: install $(S)/report.md
 	@echo "report: $(S)/report.md"
 
 $(S)/store-fp16.zarr/zarr.json: $(R)/base.pth
-	$(call step,cache-fp16,$(TEC) cache-targets $(CACHE_OPTS) --out $(S)/store-fp16.zarr --views $(STUDY_STORE_VIEWS) --codec fp16)
+	$(call timed,$(S),cache-fp16,$(TEC) cache-targets $(CACHE_OPTS) --out $(S)/store-fp16.zarr --views $(STUDY_STORE_VIEWS) --codec fp16)
 $(S)/store-%.zarr/zarr.json: $(R)/base.pth
-	$(call step,cache-$*,$(TEC) cache-targets $(CACHE_OPTS) --out $(S)/store-$*.zarr --views 2 --codec $*)
+	$(call timed,$(S),cache-$*,$(TEC) cache-targets $(CACHE_OPTS) --out $(S)/store-$*.zarr --views 2 --codec $*)
 
 # codec-<codec>-s<seed>: the stem is "<codec>-s<seed>"
 $(S)/codec-%/done: $(S)/store-fp16.zarr/zarr.json $(S)/store-fp32.zarr/zarr.json $(S)/store-int8.zarr/zarr.json \
 		$(S)/store-ecq.zarr/zarr.json
-	$(call step,codec-$*,$(STUDY_TRAIN) --targets $(S)/store-$(firstword $(subst -s, ,$*)).zarr --views 2 --out $(S)/codec-$* --seed $(lastword $(subst -s, ,$*)))
+	$(call timed,$(S),codec-$*,$(STUDY_TRAIN) --targets $(S)/store-$(firstword $(subst -s, ,$*)).zarr --views 2 --out $(S)/codec-$* --seed $(lastword $(subst -s, ,$*)))
 	touch $@
 $(S)/online-s%/done: $(R)/base.pth
-	$(call step,online-s$*,$(STUDY_TRAIN) --base-model $(R)/base.pth --topk $(TOPK) --out $(S)/online-s$* --seed $*)
+	$(call timed,$(S),online-s$*,$(STUDY_TRAIN) --base-model $(R)/base.pth --topk $(TOPK) --out $(S)/online-s$* --seed $*)
 	touch $@
 $(S)/views-v%-s0/done: $(S)/store-fp16.zarr/zarr.json
-	$(call step,views-v$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views $* --out $(S)/views-v$*-s0 --seed 0)
+	$(call timed,$(S),views-v$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views $* --out $(S)/views-v$*-s0 --seed 0)
 	touch $@
 $(S)/masks-m%-s0/done: $(S)/store-fp16.zarr/zarr.json
-	$(call step,masks-m$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views 2 --masks-per-view $* --out $(S)/masks-m$*-s0 --seed 0)
+	$(call timed,$(S),masks-m$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views 2 --masks-per-view $* --out $(S)/masks-m$*-s0 --seed 0)
 	touch $@
 $(S)/size-%-s0/done: $(S)/store-fp16.zarr/zarr.json
-	$(call step,size-$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views 2 --model $* --out $(S)/size-$*-s0 --seed 0)
+	$(call timed,$(S),size-$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views 2 --model $* --out $(S)/size-$*-s0 --seed 0)
 	touch $@
 
 # one feature extraction for both frozen evaluations, straight from the run's checkpoint
 $(S)/evals/%-knn.json: $(S)/%/done $(R)/shards/test/manifest.json
-	$(call step,eval-$*,$(TEC) frozen-eval --checkpoint $(S)/$*/checkpoint.pth $(EVAL_OPTS) --json-prefix $(S)/evals/$*,$(EVAL_THREADS))
+	$(call timed,$(S),eval-$*,$(TEC) frozen-eval --checkpoint $(S)/$*/checkpoint.pth $(EVAL_OPTS) --json-prefix $(S)/evals/$*,$(EVAL_THREADS))
 
 $(S)/report.md: $(foreach a,$(STUDY_ARMS),$(S)/evals/$(a)-knn.json)
 	$(TEC) report $(S) --study --e2 $(STUDY_E2)

@@ -29,6 +29,7 @@ def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_tiny_quick_writes_every_key(tmp_path: Path) -> None:
     out = tmp_path / "bench" / "bench.json"
     cli.main(["bench", "--preset", "tiny", "--quick", "--json", str(out), "--work-dir", str(tmp_path / "work")])
@@ -130,6 +131,7 @@ def test_peak_rss_is_the_childs_own_not_the_parents() -> None:
     assert 0 < child["imports_mb"] <= child["peak_mb"] < 200
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
     from tec_pipeline.bench.gpu_check import main
 

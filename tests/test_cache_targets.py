@@ -90,6 +90,7 @@ def test_fp16_and_int8_within_codec_tolerance(fp32_store: Path, fmnist_shards: P
         assert np.array_equal(rows["boxes"], exact["boxes"][1])
 
 
+@pytest.mark.slow
 def test_dask_workers_write_identical_store(fp32_store: Path, fmnist_shards: Path, pico_base: Path,
                                             tmp_path: Path) -> None:
     out = tmp_path / "dask.zarr"
@@ -99,6 +100,7 @@ def test_dask_workers_write_identical_store(fp32_store: Path, fmnist_shards: Pat
         assert np.array_equal(ours[name], reference[name]), name
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_store(fp32_store: Path, fmnist_shards: Path, pico_base: Path,
                                                   tmp_path: Path) -> None:
     out = tmp_path / "killed.zarr"

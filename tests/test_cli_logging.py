@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import needs_fashion_mnist, run_tec
 
 PIPELINE_ORDER = ["make-shards", "index-shards", "mae-pretrain", "cache-targets", "inspect", "verify", "pretrain",
@@ -35,6 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_only_rank_zero_logs_info_under_torchrun(fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
     # online pretrain: every rank loads the base model, which logs one INFO line about it

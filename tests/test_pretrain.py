@@ -82,6 +82,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_weights(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
     source = ["--targets", str(store)]
     full = tmp_path / "full"
@@ -105,6 +106,7 @@ def test_sigkill_and_resume_gives_identical_weights(store: Path, fmnist_shards: 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
     source = ["--targets", str(store)]
     one = tmp_path / "one"

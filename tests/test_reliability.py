@@ -132,6 +132,7 @@ def _planned_rows(shards: Path, batch_size: int, rows: int, valid: np.ndarray, e
     return set(plan.batches.ravel().tolist())
 
 
+@pytest.mark.slow
 def test_cache_targets_sigkilled_at_three_random_points_then_rerun_is_identical(
         reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed.zarr"
@@ -167,6 +168,7 @@ def _logged_group(cfg: CacheConfig, tasks: list[Task]) -> int:
     return rows
 
 
+@pytest.mark.slow
 def test_dask_worker_killed_mid_task_the_task_is_rerun_elsewhere(
         reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

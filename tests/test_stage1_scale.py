@@ -82,6 +82,7 @@ def _torchrun(procs: list[subprocess.Popen], ranks: int, argv: list[str]) -> sub
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "cli.py", *argv])
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(reference: Path, fmnist_shards: Path, pico_base: Path,
                                               tmp_path: Path) -> None:
     out = tmp_path / "ranks.zarr"
@@ -94,6 +95,7 @@ def test_torchrun_two_ranks_equal_one_process(reference: Path, fmnist_shards: Pa
     _assert_same_arrays(out, reference)
 
 
+@pytest.mark.slow
 def test_torchrun_resume_with_more_ranks_than_pending_groups(reference: Path, fmnist_shards: Path,
                                                              pico_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "resume.zarr"
@@ -121,6 +123,7 @@ cli.main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["second_joins_a_running_writer", "both_create_the_new_store"])
 def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Path, pico_base: Path,
                                   tmp_path: Path) -> None:
@@ -174,6 +177,7 @@ def test_cleanup_keeps_a_live_writers_partial_files(reference: Path, tmp_path: P
     other.close()
 
 
+@pytest.mark.slow
 def test_dask_external_cluster_relative_paths_from_another_directory(
         reference: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
     dask = str(Path(sys.executable).with_name("dask"))

@@ -111,6 +111,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_invalid_first_chunks_of_one_rank_no_hang_equal_steps_and_exact_resume(
         holed_store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
@@ -141,6 +142,7 @@ def test_invalid_first_chunks_of_one_rank_no_hang_equal_steps_and_exact_resume(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_with_accumulation_equals_one_process(tmp_path: Path) -> None:
     """2 gloo ranks × accum 2 (no_sync on each step's first micro-batch) = 1 process × accum 4, same quarters."""
     from tec_pipeline.train.loop import LoopConfig, run_training

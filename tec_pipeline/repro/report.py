@@ -46,18 +46,20 @@ def _mean_std(arm: dict[str, Any], method: str) -> str:
     mean, std = arm[f"{method}_mean"], arm[f"{method}_std"]
     if mean is None:
         return "—"
-    return f"{mean:.2f} ± {std:.2f}" if len(arm["runs"]) > 1 else f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}" if arm["seeds_done"] > 1 else f"{mean:.2f}"
 
 
 def results_table(r: dict[str, Any]) -> list[str]:
     lines = ["| arm | seeds | linear probe top-1 (mean ± std) | kNN top-1 (mean ± std) | base-model forward passes "
-             "| wall time per seed (s) |", "|---|---|---|---|---|---|"]
+             "| wall s per seed | CPU s per seed |", "|---|---|---|---|---|---|---|"]
     for name, a in r["arms"].items():
-        lines.append(f"| {a['label']} (`{name}`) | {len(a['runs'])} | {_mean_std(a, 'linprobe')} | "
-                     f"{_mean_std(a, 'knn')} | {a['base_forward_passes']:,} | {_fmt(a['seconds_per_seed'], '.0f')} |")
+        lines.append(f"| {a['label']} (`{name}`) | {a['seeds_done']} | {_mean_std(a, 'linprobe')} | "
+                     f"{_mean_std(a, 'knn')} | {a['base_forward_passes']:,} | {_fmt(a['seconds_per_seed'], '.0f')} | "
+                     f"{_fmt(a['cpu_seconds_per_seed'], '.0f')} |")
     cache = r["cache"]
     lines.append(f"| target store (`cache-targets`, made once, serves every seed) | — | — | — | "
-                 f"{cache['base_forward_passes']:,} | {_fmt(cache['seconds'], '.0f')} |")
+                 f"{cache['base_forward_passes']:,} | {_fmt(cache['seconds'], '.0f')} | "
+                 f"{_fmt(cache.get('cpu_seconds'), '.0f')} |")
     return lines
 
 

@@ -3,7 +3,7 @@
 Reads what `make reproduce` leaves in its run directory R:
   R/evals/<arm>-{linprobe,knn}.json        the unseeded arms (random, base)
   R/evals/<arm>-s<seed>-{linprobe,knn}.json the seeded arms (tec-cached, tec-online, mae-control), one per seed
-  R/timing/<step>.ms                        wall time of each step (seeded steps: <arm>-s<seed>.ms)
+  R/timing/<step>.{ms,cpu}                  wall ms and CPU seconds of each step (seeded: <arm>-s<seed>)
   R/targets.zarr                            the target store (size, bytes per view)
 
 The shards, the MAE base model and the target store are made once; the seed changes each student's (and each
@@ -67,11 +67,13 @@ def _top1(root: Path, run: str, method: str) -> float | None:
     return json.loads(path.read_text())["top1"] if path.is_file() else None
 
 
-def _seconds(root: Path, steps: list[str]) -> float | None:
-    files = [root / "timing" / f"{n}.ms" for n in steps]
+def _seconds(root: Path, steps: list[str], kind: str = "wall") -> float | None:
+    """Wall (timing/<step>.ms) or CPU (timing/<step>.cpu) seconds of `steps` together; None if any is missing."""
+    files = [root / "timing" / f"{n}.{'ms' if kind == 'wall' else 'cpu'}" for n in steps]
     if not files or not all(f.is_file() for f in files):
         return None
-    return sum(int(f.read_text().strip()) for f in files) / 1000
+    total = sum(float(f.read_text().strip()) for f in files)
+    return total / 1000 if kind == "wall" else total
 
 
 def _store_summary(root: Path) -> dict[str, Any] | None:
@@ -95,9 +97,13 @@ def _arm_result(root: Path, arm: Arm, seeds: list[int], label: str, forward_pass
         present = [v for v in values if v is not None]
         s = summarize(present) if present else None
         out[f"{method}_mean"], out[f"{method}_std"] = (s.mean, s.std) if s else (None, None)
-    per_run = [_seconds(root, [f"{t}-s{s}" if arm.seeded else t for t in arm.timing]) for s in (seeds or [0])]
-    known = [t for t in per_run if t is not None]
-    out["seconds_per_seed"] = sum(known) / len(known) if known and arm.timing else None
+    out["seeds_done"] = len([v for v in out["linprobe_top1"] if v is not None])
+    for kind in ("wall", "cpu"):
+        per_run = [_seconds(root, [f"{t}-s{s}" if arm.seeded else t for t in arm.timing], kind)
+                   for s in (seeds or [0])]
+        known = [t for t in per_run if t is not None]
+        key = "seconds_per_seed" if kind == "wall" else "cpu_seconds_per_seed"
+        out[key] = sum(known) / len(known) if known and arm.timing else None
     return out
 
 
@@ -127,10 +133,10 @@ def results(root: Path, views: int, e1: int, e2: int) -> dict[str, Any]:
     for arm in ARMS:
         label = arm.label.replace("E1", str(e1)).replace("E2", str(e2))
         arms[arm.name] = _arm_result(root, arm, seeds, label, forward_passes[arm.name])
-    cache_seconds = _seconds(root, ["cache"])
+    cache_seconds, cache_cpu = _seconds(root, ["cache"]), _seconds(root, ["cache"], "cpu")
     return {"n_train": n_train, "views": views, "e1": e1, "e2": e2, "seeds": seeds, "arms": arms,
             "differences": _differences(arms, seeds), "store": _store_summary(root),
-            "cache": {"base_forward_passes": views * n_train, "seconds": cache_seconds}}
+            "cache": {"base_forward_passes": views * n_train, "seconds": cache_seconds, "cpu_seconds": cache_cpu}}
 
 
 def _verdict_better(d: dict[str, Any] | None) -> str:

@@ -1,4 +1,4 @@
-"""The `make study` report: S/report.md, S/results.json and three figures, from repro/study.py's numbers."""
+"""The `make study` report: S/report.md, S/results.json and two figures, from repro/study.py's numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import Any
 
 from tec_pipeline.config import require
 from tec_pipeline.repro.cost import GPU_FLOPS
-from tec_pipeline.repro.study import CODEC_MARGIN, CODECS, DEFAULT_ARM, METHODS, REFERENCE_CODEC, study_results
+from tec_pipeline.repro.study import (
+    CODEC_MARGIN,
+    CODECS,
+    DEFAULT_ARM,
+    METHODS,
+    REFERENCE_CODEC,
+    study_results,
+)
 
 log = logging.getLogger(__name__)
 
