@@ -1,11 +1,14 @@
-"""Small pieces every stage shares: the run-directory options of the training commands."""
+"""Small pieces every stage shares: the run-directory options and the final line of the training commands."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:  # `tec linprobe --help` and friends should not pay for importing torch
+    from tec_pipeline.train.loop import TrainResult
 
 
 def run_dir_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -21,3 +24,10 @@ def run_dir_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def final_loss(result: TrainResult) -> str:
+    """'final loss 0.1234': the loss of the last logged window (what metrics.csv's last row says), or 'n/a'
+    when the run had no step left to take (resumed after its end)."""
+    loss = result.last_metrics.get("loss")
+    return f"final loss {'n/a' if loss is None else f'{loss:.4f}'}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages.common import run_dir_options
+from stages.common import final_loss, run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.train.distributed import init_distributed, is_main_process
 from tec_pipeline.train.mae_pretrain import MAEPretrainConfig, pretrain_mae
@@ -44,6 +44,4 @@ def command(**options: object) -> None:
     rank, world = init_distributed()
     result = pretrain_mae(cfg, rank, world)
     if is_main_process():
-        loss = result.last_metrics.get("loss")
-        click.echo(f"MAE {cfg.model}: {result.steps} steps, final loss "
-                   f"{'n/a' if loss is None else f'{loss:.4f}'} -> {result.checkpoint}")
+        click.echo(f"MAE {cfg.model}: {result.steps} steps, {final_loss(result)} -> {result.checkpoint}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages.common import run_dir_options
+from stages.common import final_loss, run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.data.loader import DEFAULT_SHUFFLE_BUFFER
 from tec_pipeline.train.loop import AMP_POLICIES
@@ -65,4 +65,5 @@ def command(**options: object) -> None:
     """Train a TEC student: --targets STORE (cached) or --base-model CKPT (online)."""
     cfg = from_options(PretrainConfig, options)
     result = run_pretrain(cfg)
-    click.echo(f"{result.steps} optimizer steps, {result.epochs_done} epochs -> {result.checkpoint}")
+    click.echo(f"{result.steps} optimizer steps, {result.epochs_done} epochs, {final_loss(result)} -> "
+               f"{result.checkpoint}")
