@@ -7,23 +7,28 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
 if TYPE_CHECKING:  # `tec linprobe --help` and friends should not pay for importing torch
     from tec_pipeline.train.loop import TrainResult
 
 
-def run_dir_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def run_dir_options(option: Callable[..., Decorator]) -> Decorator:
     """--overwrite, --init-from, --init-optimizer: what a training command does with its run directory
-    (tec_pipeline/train/run_dir.py)."""
+    (tec_pipeline/train/run_dir.py); `option` is the command's `config.option_factory`."""
     options = (
-        click.option("--overwrite", is_flag=True,
-                     help="--out holds another run: remove its files first and start this one."),
-        click.option("--init-from", default=None, type=click.Path(dir_okay=False),
-                     help="Start a new run (new --out, own schedule) from this checkpoint's weights."),
-        click.option("--init-optimizer", is_flag=True, help="With --init-from: also take its optimizer state."),
+        option("--overwrite", is_flag=True, help="--out holds another run: remove its files first and start this one."),
+        option("--init-from", type=click.Path(dir_okay=False),
+               help="Start a new run (new --out, own schedule) from this checkpoint's weights."),
+        option("--init-optimizer", is_flag=True, help="With --init-from: also take its optimizer state."),
     )
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(options):
+            f = decorator(f)
+        return f
+
+    return wrap
 
 
 def final_loss(result: TrainResult) -> str:

@@ -50,6 +50,7 @@ class FinetuneConfig:
     train_shards: str
     test_shards: str
     out: str
+    json: str | None = None  # the results record (eval/report.py) is also written here
     arch: str | None = None
     input_size: int | None = None  # run the encoder at this size (pos_embed resampled); None: its own
     epochs: int = 50

@@ -40,6 +40,7 @@ RUN_FILE = "run.json"
 # Options that do not change what a run computes; everything else is identity.
 MAY_CHANGE = frozenset({
     "out",  # where the run lives (a moved run directory is the same run)
+    "json",  # where a fine-tune also writes its results record
     "resume", "overwrite", "init_from", "init_optimizer",  # how to treat the directory; the parent is recorded apart
     "save_every", "keep_checkpoints",  # how often / how many checkpoints are kept (saving draws no randomness)
     "device",  # where it computes (the identity still records world size and precision policy)
