@@ -15,6 +15,7 @@ from tec_pipeline.config import config_option, from_options, option_factory
 from tec_pipeline.eval.finetune import FinetuneConfig
 from tec_pipeline.eval.frozen import FrozenEvalConfig, evaluate_frozen
 from tec_pipeline.eval.report import evaluation_record, write_json
+from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 
 frozen_option = option_factory(FrozenEvalConfig)
@@ -60,7 +61,7 @@ def _frozen(method: str, options: dict[str, Any]) -> None:
     cfg = from_options(FrozenEvalConfig, options)
     if cfg.json:
         require_writable(cfg.json, "--json")  # before the features are computed, not after
-    _finish(evaluate_frozen(method, cfg), cfg.json)
+    _finish(evaluate_frozen(method, cfg, progress=progress_enabled()), cfg.json)
 
 
 @click.command("linprobe")

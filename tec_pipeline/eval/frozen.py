@@ -34,8 +34,9 @@ class FrozenEvalConfig:
     protocol: str = "lbfgs"  # linear probe only: see eval/linear.py PROTOCOLS
 
 
-def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
-    """Load the encoder, extract centre-view features of both splits, run `method`; the JSON record."""
+def evaluate_frozen(method: str, cfg: FrozenEvalConfig, progress: bool = False) -> dict[str, Any]:
+    """Load the encoder, extract centre-view features of both splits, run `method`; the JSON record.
+    `progress`: tqdm bars over the feature extraction and the probe (the stage passes logs.progress_enabled())."""
     from tec_pipeline.models.base import load_encoder
 
     if method not in METHODS:
@@ -45,10 +46,10 @@ def evaluate_frozen(method: str, cfg: FrozenEvalConfig) -> dict[str, Any]:
     encoder, info = load_encoder(cfg.checkpoint, cfg.arch, arch_flag="--arch", input_size=cfg.input_size)
     check_input_size(cfg.arch, info.arch, cfg.checkpoint, cfg.input_size)
     device, size = resolve_device("auto"), info.arch.img_size
-    train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device)
-    test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device)
+    train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device, progress)
+    test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device, progress)
     if method == "knn":
-        result = knn_evaluate(train, test, cfg.k, cfg.temperature, device)
+        result = knn_evaluate(train, test, cfg.k, cfg.temperature, device, progress)
     else:
-        result = linear_probe(train, test, cfg.seed, device, cfg.protocol)
+        result = linear_probe(train, test, cfg.seed, device, cfg.protocol, progress)
     return evaluation_record(method, info, len(train), len(test), cfg.seed, result)
