@@ -9,7 +9,7 @@ import click
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-if TYPE_CHECKING:  # `tec linprobe --help` and friends should not pay for importing torch
+if TYPE_CHECKING:  # for the annotation only: importing the loop pulls in torch
     from tec_pipeline.train.loop import TrainResult
 
 
