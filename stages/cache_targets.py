@@ -4,38 +4,40 @@ from __future__ import annotations
 
 import click
 
-from tec_pipeline.config import config_option, from_options
+from tec_pipeline.config import config_option, from_options, option_factory
 from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 from tec_pipeline.stage1 import CacheConfig, cache_targets
+from tec_pipeline.store.codecs import CODECS
 from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
+
+option = option_factory(CacheConfig)
 
 
 @click.command("cache-targets")
 @config_option
-@click.option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
-@click.option("--base-model", required=True, help="Base-model checkpoint (MAE, iBOT/DINO, DINOv2 hub, timm, timm HF folder, safetensors, ours).")
-@click.option("--out", required=True, help="Store path or fsspec URL (e.g. store.zarr, file:///..., memory://x).")
-@click.option("--base-arch", default=None, help="Architecture when the checkpoint records none: a preset or any timm "
-              "ViT name (e.g. vit_base_patch16_224, vit_small_patch14_reg4_dinov2).")
-@click.option("--input-size", default=None, type=int, help="Input size the base model runs at (pos_embed resampled "
-              "by timm; default: the architecture's own).")
-@click.option("--views", default=2, show_default=True, type=int, help="Views per image (V).")
-@click.option("--topk", default=15, show_default=True, type=int, help="k: patch-query attention rows kept.")
-@click.option("--last-layers", default=2, show_default=True, type=int, help="Last blocks averaged into the feature target.")
-@click.option("--codec", default="fp16", show_default=True, help="Feature encoding: fp32, fp16, int8 (see README).")
-@click.option("--chunk-rows", default=256, show_default=True, type=int, help="Rows per chunk = rows per task.")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Base-model batch size.")
-@click.option("--seed", default=0, show_default=True, type=int, help="View seed: boxes come from (seed, row, view).")
-@click.option("--limit", default=None, type=int, help="Only the first N rows of the shards.")
-@click.option("--workers", default=0, show_default=True, type=int, help="Run tasks on a dask LocalCluster of N processes.")
-@click.option("--scheduler", default=None, help="Address of an existing dask scheduler (multi-node).")
-@click.option("--loader-workers", default=1, show_default=True, type=int, help="In-process: decode processes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK).")
-@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
-              help="Base-model autocast: auto = bf16 on CUDA, none on CPU. Recorded in the store.")
-@click.option("--writer-threads", default=2, show_default=True, type=int,
-              help="Threads that encode and write chunks while the next batches run.")
+@option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
+@option("--base-model", required=True, help="Base-model checkpoint (MAE, iBOT/DINO, DINOv2 hub, timm, timm HF folder, safetensors, ours).")
+@option("--out", required=True, help="Store path or fsspec URL (e.g. store.zarr, file:///..., memory://x).")
+@option("--base-arch", help="Architecture when the checkpoint records none: a preset or any timm "
+        "ViT name (e.g. vit_base_patch16_224, vit_small_patch14_reg4_dinov2).")
+@option("--input-size", type=int, help="Input size the base model runs at (pos_embed resampled "
+        "by timm; default: the architecture's own).")
+@option("--views", type=int, help="Views per image (V).")
+@option("--topk", type=int, help="k: patch-query attention rows kept.")
+@option("--last-layers", type=int, help="Last blocks averaged into the feature target.")
+@option("--codec", type=click.Choice(list(CODECS)), help="Feature encoding (see README).")
+@option("--chunk-rows", type=int, help="Rows per chunk = rows per task.")
+@option("--batch-size", type=int, help="Base-model batch size.")
+@option("--seed", type=int, help="View seed: boxes come from (seed, row, view).")
+@option("--limit", type=int, help="Only the first N rows of the shards.")
+@option("--workers", type=int, help="Run tasks on a dask LocalCluster of N processes.")
+@option("--scheduler", help="Address of an existing dask scheduler (multi-node).")
+@option("--loader-workers", type=int, help="In-process: decode processes.")
+@option("--device", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK).")
+@option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]),
+        help="Base-model autocast: auto = bf16 on CUDA, none on CPU. Recorded in the store.")
+@option("--writer-threads", type=int, help="Threads that encode and write chunks while the next batches run.")
 @click.option("--repair", is_flag=True, help="Recompute the done tasks whose chunks are missing or do not decode.")
 def command(repair: bool, **options: object) -> None:
     """Compute the base model's enhanced targets once and write them (with each view's box) to a store."""

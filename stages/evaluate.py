@@ -1,4 +1,4 @@
-"""`tec linprobe`, `tec knn`, `tec finetune`: evaluate an encoder checkpoint on labelled shards.
+"""`tec linprobe`, `tec knn`, `tec frozen-eval` (both from one feature extraction), `tec finetune`: evaluate an encoder checkpoint on labelled shards.
 
 The JSON they write (--json FILE) is described in tec_pipeline/eval/report.py.
 """
@@ -11,30 +11,40 @@ from typing import Any
 import click
 
 from stages.common import run_dir_options
-from tec_pipeline.config import config_option, from_options
+from tec_pipeline.config import config_option, from_options, option_factory
+from tec_pipeline.eval.finetune import FinetuneConfig
+from tec_pipeline.eval.frozen import FrozenEvalConfig, evaluate_frozen
 from tec_pipeline.eval.report import evaluation_record, write_json
+from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 
-_COMMON = (
-    click.option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, iBOT/DINO, DINOv2 hub, "
-                 "timm, timm HF folder, safetensors)."),
-    click.option("--arch", default=None, help="Architecture (preset or timm ViT name) when the checkpoint records none."),
-    click.option("--input-size", default=None, type=int, help="Run the encoder at this size (default: its own)."),
-    click.option("--train-shards", required=True, type=click.Path(), help="Labelled training shards."),
-    click.option("--test-shards", required=True, type=click.Path(), help="Labelled test shards."),
-    click.option("--json", "json", default=None, type=click.Path(dir_okay=False), help="Write the results here."),
-    click.option("--limit-train", default=None, type=int, help="Only the first N training images."),
-    click.option("--limit-test", default=None, type=int, help="Only the first N test images."),
-    click.option("--seed", default=0, show_default=True, type=int),
-)
+frozen_option = option_factory(FrozenEvalConfig)
+finetune_option = option_factory(FinetuneConfig)
 
 
-def common_options(batch_size: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def common_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options every evaluation shares, with the defaults of its config `cls`."""
+    option = option_factory(cls)
+    options = (
+        config_option,
+        option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, iBOT/DINO, DINOv2 hub, "
+               "timm, timm HF folder, safetensors)."),
+        option("--arch", help="Architecture (preset or timm ViT name) when the checkpoint records none."),
+        option("--input-size", type=int, help="Run the encoder at this size (default: its own)."),
+        option("--train-shards", required=True, type=click.Path(), help="Labelled training shards."),
+        option("--test-shards", required=True, type=click.Path(), help="Labelled test shards."),
+        option("--json", "json", type=click.Path(dir_okay=False), help="Write the results here."),
+        option("--limit-train", type=int, help="Only the first N training images."),
+        option("--limit-test", type=int, help="Only the first N test images."),
+        option("--seed", type=int),
+        option("--batch-size", type=int),
+    )
+
     def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
-        f = click.option("--batch-size", default=batch_size, show_default=True, type=int)(f)
-        for option in reversed(_COMMON):
-            f = option(f)
-        return config_option(f)
+        for decorator in reversed(options):
+            f = decorator(f)
+        return f
+
     return wrap
 
 
@@ -48,42 +58,39 @@ def _finish(record: dict[str, Any], json_path: str | None) -> None:
 
 
 def _frozen(methods: tuple[str, ...], options: dict[str, Any], json_paths: dict[str, str | None]) -> None:
-    from tec_pipeline.eval.frozen import FrozenEvalConfig, evaluate_frozen
-
     cfg = from_options(FrozenEvalConfig, options)
     for flag, path in json_paths.items():
         if path:
             require_writable(path, flag)  # before the features are computed, not after
-    records = evaluate_frozen(methods, cfg)
+    records = evaluate_frozen(methods, cfg, progress=progress_enabled())
     for method, path in zip(methods, json_paths.values(), strict=True):
         _finish(records[method], path)
 
 
 @click.command("linprobe")
-@common_options(batch_size=256)
-@click.option("--protocol", type=click.Choice(["lbfgs", "mae"]), default="lbfgs", show_default=True,
-              help="lbfgs: L-BFGS on standardised features (fast, not comparable with published numbers); "
-                   "mae: MAE's BatchNorm + LARS head, 90 epochs.")
+@common_options(FrozenEvalConfig)
+@frozen_option("--protocol", type=click.Choice(["lbfgs", "mae"]),
+               help="lbfgs: L-BFGS on standardised features (fast, not comparable with published numbers); "
+                    "mae: MAE's BatchNorm + LARS head, 90 epochs.")
 def linprobe_command(**options: Any) -> None:
     """Linear probe on frozen centre-view features (CLS and mean pooling; the better one is reported)."""
     _frozen(("linprobe",), options, {"--json": options["json"]})
 
 
 @click.command("knn")
-@common_options(batch_size=256)
-@click.option("--k", default=20, show_default=True, type=int, help="Neighbours.")
-@click.option("--temperature", default=0.07, show_default=True, type=float, help="Vote weight exp(sim / T).")
+@common_options(FrozenEvalConfig)
+@frozen_option("--k", type=int, help="Neighbours.")
+@frozen_option("--temperature", type=float, help="Vote weight exp(sim / T).")
 def knn_command(**options: Any) -> None:
     """Weighted kNN (cosine, DINO's votes) on frozen centre-view features."""
     _frozen(("knn",), options, {"--json": options["json"]})
 
 
 @click.command("frozen-eval")
-@common_options(batch_size=256)
-@click.option("--protocol", type=click.Choice(["lbfgs", "mae"]), default="lbfgs", show_default=True,
-              help="Linear probe protocol (see `tec linprobe --help`).")
-@click.option("--k", default=20, show_default=True, type=int, help="kNN neighbours.")
-@click.option("--temperature", default=0.07, show_default=True, type=float, help="kNN vote weight exp(sim / T).")
+@common_options(FrozenEvalConfig)
+@frozen_option("--protocol", type=click.Choice(["lbfgs", "mae"]), help="Linear probe protocol (see `tec linprobe --help`).")
+@frozen_option("--k", type=int, help="kNN neighbours.")
+@frozen_option("--temperature", type=float, help="kNN vote weight exp(sim / T).")
 @click.option("--json-prefix", default=None, type=click.Path(dir_okay=False),
               help="Write PREFIX-linprobe.json and PREFIX-knn.json (the files `tec linprobe` / `tec knn` write).")
 def frozen_eval_command(json_prefix: str | None, **options: Any) -> None:
@@ -95,32 +102,32 @@ def frozen_eval_command(json_prefix: str | None, **options: Any) -> None:
 
 
 @click.command("finetune")
-@common_options(batch_size=64)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory of the fine-tune.")
-@click.option("--epochs", default=50, show_default=True, type=int)
-@click.option("--accum", default=1, show_default=True, type=int)
-@click.option("--blr", default=1e-3, show_default=True, type=float, help="lr = blr x effective batch / 256.")
-@click.option("--min-lr", default=1e-6, show_default=True, type=float)
-@click.option("--warmup-epochs", default=5.0, show_default=True, type=float)
-@click.option("--weight-decay", default=0.05, show_default=True, type=float)
-@click.option("--layer-decay", default=0.75, show_default=True, type=float)
-@click.option("--drop-path", default=0.1, show_default=True, type=float)
-@click.option("--clip-grad", default=None, type=float)
-@click.option("--mixup", default=0.0, show_default=True, type=float, help="Mixup alpha (recipes: 0.8).")
-@click.option("--cutmix", default=0.0, show_default=True, type=float, help="CutMix alpha (recipes: 1.0).")
-@click.option("--smoothing", default=0.1, show_default=True, type=float, help="Label smoothing.")
-@click.option("--aa", default="rand-m9-mstd0.5-inc1", show_default=True, help="RandAugment policy ('' = none).")
-@click.option("--reprob", default=0.25, show_default=True, type=float, help="Random-erasing probability.")
-@click.option("--workers", default=0, show_default=True, type=int, help="Loader worker processes per rank.")
-@click.option("--save-every", default=0, show_default=True, type=int)
-@run_dir_options
-@click.option("--resume/--no-resume", default=True, show_default=True)
-@click.option("--amp", default="auto", show_default=True, type=click.Choice(("auto", "bf16", "fp16", "none")),
-              help="Autocast: auto (bf16 on CUDA, off on CPU), bf16, fp16 (GradScaler, CUDA only), none.")
+@common_options(FinetuneConfig)
+@finetune_option("--out", required=True, type=click.Path(file_okay=False), help="Run directory of the fine-tune.")
+@finetune_option("--epochs", type=int)
+@finetune_option("--accum", type=int)
+@finetune_option("--blr", type=float, help="lr = blr x effective batch / 256.")
+@finetune_option("--min-lr", type=float)
+@finetune_option("--warmup-epochs", type=float)
+@finetune_option("--weight-decay", type=float)
+@finetune_option("--layer-decay", type=float)
+@finetune_option("--drop-path", type=float)
+@finetune_option("--clip-grad", type=float)
+@finetune_option("--mixup", type=float, help="Mixup alpha (recipes: 0.8).")
+@finetune_option("--cutmix", type=float, help="CutMix alpha (recipes: 1.0).")
+@finetune_option("--smoothing", type=float, help="Label smoothing.")
+@finetune_option("--aa", help="RandAugment policy ('' = none).")
+@finetune_option("--reprob", type=float, help="Random-erasing probability.")
+@finetune_option("--workers", type=int, help="Loader worker processes per rank.")
+@finetune_option("--save-every", type=int)
+@run_dir_options(finetune_option)
+@finetune_option("--resume/--no-resume")
+@finetune_option("--amp", type=click.Choice(("auto", "bf16", "fp16", "none")),
+                 help="Autocast: auto (bf16 on CUDA, off on CPU), bf16, fp16 (GradScaler, CUDA only), none.")
 def finetune_command(**options: Any) -> None:
     """Fine-tune the encoder end to end (layer decay, drop path, RandAugment, mixup) and score the test set."""
     from tec_pipeline.eval.features import check_input_size
-    from tec_pipeline.eval.finetune import FinetuneConfig, finetune
+    from tec_pipeline.eval.finetune import finetune
     from tec_pipeline.models.base import read_encoder_checkpoint
     from tec_pipeline.train.distributed import init_distributed, is_main_process
 
@@ -131,4 +138,4 @@ def finetune_command(**options: Any) -> None:
     result = finetune(cfg, encoder, rank, world)
     if is_main_process():
         record = evaluation_record("finetune", encoder, result.pop("n_train"), result.pop("n_test"), cfg.seed, result)
-        _finish(record, options["json"])
+        _finish(record, cfg.json)

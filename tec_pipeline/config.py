@@ -1,8 +1,9 @@
 """Configuration: frozen dataclasses built once from YAML + command-line flags, saved beside every output.
 
-A command's options are its config's fields. `--config FILE.yaml` supplies defaults for those options (click's
-`default_map`), flags given on the command line override them, and the resolved dataclass is written next to
-the output (`config.yaml` in a run, the `tec` attributes of a store).
+A command's options are its config's fields, and their defaults are the fields' defaults (`option_factory`):
+one source, so the command line and the library cannot drift apart. `--config FILE.yaml` supplies defaults for
+those options (click's `default_map`), flags given on the command line override them, and the resolved
+dataclass is written next to the output (`config.yaml` in a run, the `tec` attributes of a store).
 """
 
 from __future__ import annotations
@@ -48,6 +49,37 @@ def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
         "--config", "config_file", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
         callback=_load_yaml_defaults, help="YAML file of option defaults (keys are option names).",
     )(f)
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field `name` of dataclass `cls` (dataclasses.MISSING when it has none)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    raise TypeError(f"{cls.__name__} has no field {name!r} for its command-line option")
+
+
+def option_factory(cls: type) -> Callable[..., Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """`option = option_factory(PretrainConfig)`, then `@option("--epochs", type=int)`: a `click.option` whose
+    default is the config field of the same name's, shown in --help unless it is None or False.
+
+    Passing `default=` is refused, and so is an optional option whose field has no default: the dataclass is
+    the only place a default lives.
+    """
+
+    def option(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        if "default" in kwargs:
+            raise TypeError(f"{decls[0]}: the default comes from {cls.__name__}; set it there")
+        name = click.Option(list(decls)).name or ""
+        default = field_default(cls, name)
+        if default is dataclasses.MISSING:
+            if not kwargs.get("required"):
+                raise TypeError(f"{decls[0]} is optional but {cls.__name__}.{name} has no default")
+            return click.option(*decls, **kwargs)
+        kwargs.setdefault("show_default", default is not None and default is not False)
+        return click.option(*decls, default=default, **kwargs)
+
+    return option
 
 
 def from_options(cls: type[T], options: dict[str, Any], **extra: Any) -> T:

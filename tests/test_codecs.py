@@ -5,8 +5,9 @@ import warnings
 import numpy as np
 import pytest
 
+from tec_pipeline.bench.codecs import measure_codec
 from tec_pipeline.errors import UserError
-from tec_pipeline.store.codecs import CODECS, ECQ_FEATURE_STEP, get_codec, measure_codec, quantize
+from tec_pipeline.store.codecs import CODECS, ECQ_FEATURE_STEP, get_codec, quantize
 
 # documented max |decoded − input| per element (codecs.py table), as functions of the input
 # fp16: 2^-11 relative; int8: scale/2, scale = max|x| over D / 127 per (row, patch); ecq: step/2 (normalised)

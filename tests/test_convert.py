@@ -122,3 +122,79 @@ def test_cli_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, capsys: 
     assert case != "no_arch" or "pass --arch" in err
     assert err.startswith("Error: ") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def _hf_config(directory: Path) -> dict:
+    return json.loads((directory / "config.json").read_text())
+
+
+def _same_weights(model: torch.nn.Module, expected: torch.nn.Module) -> bool:
+    a, b = model.state_dict(), expected.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_folder_loads_with_local_dir_headless_or_with_a_fresh_head(tmp_path: Path) -> None:
+    from tec_pipeline.data.views import IMAGENET_MEAN
+    from tec_pipeline.models.convert import convert_to_hf
+
+    _tec_checkpoint(tmp_path / "tec.pth")
+    exported = load_exported(convert_checkpoint(tmp_path / "tec.pth", tmp_path / "vit.safetensors"))
+    folder = convert_to_hf(tmp_path / "tec.pth", tmp_path / "hf")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tec.pth", "vit.safetensors"]  # no temp folder
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert model.num_classes == 0 and _same_weights(model, exported)  # strict: the export has no head
+    assert tuple(model.pretrained_cfg["mean"]) == IMAGENET_MEAN and model.pretrained_cfg["crop_pct"] == 0.875
+    x = _views()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), exported(x), rtol=0, atol=0)
+    classifier = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=10).eval()
+    assert classifier.head.out_features == 10
+    encoder = {k: v for k, v in classifier.state_dict().items() if not k.startswith("head.")}
+    assert encoder.keys() == exported.state_dict().keys()
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_hf_folder_loads_with_pretrained_cfg_overlay(tmp_path: Path) -> None:
+    from tec_pipeline.models.convert import convert_to_hf
+
+    _tec_checkpoint(tmp_path / "tec.pth")
+    folder = convert_to_hf(tmp_path / "tec.pth", tmp_path / "hf")
+    config = _hf_config(folder)
+    model = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
+                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), num_classes=0))
+    assert _same_weights(model, timm.create_model(f"local-dir:{folder}", pretrained=True))
+
+
+def test_hf_folder_of_a_student_named_by_its_sizes(tmp_path: Path) -> None:
+    """A student timm has no name for (here 64 wide, 4 heads): config.json's architecture + model_args
+    rebuild it, and this project reads the folder back as a base model."""
+    from tec_pipeline.models.convert import convert_to_hf
+
+    arch = resolve_arch("vit_p4_16px_d64_l3_h4")
+    torch.manual_seed(1)
+    torch.save({"model": build_vit(arch).state_dict(), "arch": arch.to_dict(), "kind": "tec", "config": {},
+                "version": "0.1.0"}, tmp_path / "student.pth")
+    folder = convert_to_hf(tmp_path / "student.pth", tmp_path / "hf")
+    config = _hf_config(folder)
+    assert config["architecture"] == arch.timm_name and config["tec"]["arch"]["name"] == arch.name
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (64, 3, 4)
+    source, _ = load_encoder(tmp_path / "student.pth")
+    assert _same_weights(model, source)
+    again, ckpt = load_encoder(folder)
+    assert ckpt.fmt == "timm-hf" and _same_weights(again, source)
+
+
+def test_cli_writes_hf_folder_and_refuses_bad_targets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _tec_checkpoint(tmp_path / "tec.pth")
+    cli.main(["convert", str(tmp_path / "tec.pth"), "--hf", str(tmp_path / "out" / "hf")])
+    assert timm.create_model(f"local-dir:{tmp_path / 'out' / 'hf'}", pretrained=True).embed_dim == ARCH.embed_dim
+    (tmp_path / "file").write_text("")
+    for argv in (["--hf", str(tmp_path / "file")], [],
+                 ["--hf", str(tmp_path / "x"), "--out", str(tmp_path / "x.safetensors")]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["convert", str(tmp_path / "tec.pth"), *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith("Error: ") and err.count("\n") == 1, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "tec.pth"]

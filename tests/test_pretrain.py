@@ -232,3 +232,18 @@ def test_amp_fp16_without_cuda_is_one_line(store: Path, fmnist_shards: Path, pic
     for proc in (pretrain, finetune):
         assert_one_line_error(proc)
         assert "--amp fp16 needs a CUDA device" in proc.stderr
+
+
+def test_final_line_reports_the_final_loss(store: Path, fmnist_shards: Path, tmp_path: Path,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    out = tmp_path / "run"
+    proc = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(store)]), "--limit", "64")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    expected = (f"{len(rows)} optimizer steps, 2 epochs, final loss {float(rows[-1]['loss']):.4f} -> "
+                f"{out / 'checkpoint.pth'}")
+    assert proc.stdout.splitlines()[-1] == expected, proc.stdout
+    again = tec_in_process(capfd, *_pretrain_args(fmnist_shards, out, ["--targets", str(store)]), "--limit", "64")
+    assert again.stdout.splitlines()[-1].endswith(", final loss n/a -> " + str(out / "checkpoint.pth")), again.stdout

@@ -10,7 +10,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from tec_pipeline.models.losses import attention_loss, feature_loss
-from tec_pipeline.models.student import FeatureAdaptor, TECStudent, random_masking, restore_sequence
+from tec_pipeline.models.masking import random_masking, restore_sequence
+from tec_pipeline.models.student import FeatureAdaptor, TECStudent
 from tec_pipeline.models.vit import build_vit, fold_mlp_cls_token, resolve_arch, sincos_pos_embed_2d
 
 PICO = resolve_arch("tec_pico_p4_16")  # 16 px, patch 4 -> L=16, D=48, depth 3, 2 heads, decoder 32

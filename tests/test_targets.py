@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tec_pipeline.bench.attention import time_attention_targets
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.targets import (
     compute_targets,
     full_attention_targets,
     normalize_features,
     target_shapes,
-    time_attention_targets,
 )
 from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch
 

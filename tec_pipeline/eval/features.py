@@ -7,13 +7,14 @@ Two poolings of the encoder's output tokens (timm `forward_features`, i.e. after
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.vit import ViTArch, resolve_arch
@@ -82,12 +83,24 @@ def require_labels(features: Features, shards: str | Path) -> None:
                         "labelled shards (make-shards from fashion-mnist or an ImageFolder)")
 
 
-def shard_features(encoder: nn.Module, shards: str | Path, img_size: int, batch_size: int,
-                   limit: int | None, device: torch.device) -> Features:
-    """Centre-view features of the (first `limit`) images of `shards`, in row order; labels required."""
-    from tec_pipeline.data.loader import center_batches
+def _counted(batches: Iterable[dict[str, Any]], bar: tqdm) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        yield batch
+        bar.update(len(batch["labels"]))
 
-    features = extract_features(encoder, center_batches(shards, img_size, batch_size, limit), device)
+
+def shard_features(encoder: nn.Module, shards: str | Path, img_size: int, batch_size: int,
+                   limit: int | None, device: torch.device, progress: bool = False) -> Features:
+    """Centre-view features of the (first `limit`) images of `shards`, in row order; labels required.
+    `progress`: a tqdm bar over the images (the stage passes `logs.progress_enabled()`)."""
+    from tec_pipeline.data.loader import center_batches
+    from tec_pipeline.data.shards import load_manifest
+
+    rows = load_manifest(shards).total_rows
+    with tqdm(total=rows if limit is None else min(rows, limit), desc=f"features of {Path(shards).name}",
+              unit="img", disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        features = extract_features(encoder, _counted(center_batches(shards, img_size, batch_size, limit), bar),
+                                    device)
     require_labels(features, shards)
     log.info("features of %d images from %s", len(features), shards)
     return features

@@ -50,6 +50,7 @@ class FinetuneConfig:
     train_shards: str
     test_shards: str
     out: str
+    json: str | None = None  # the results record (eval/report.py) is also written here
     arch: str | None = None
     input_size: int | None = None  # run the encoder at this size (pos_embed resampled); None: its own
     epochs: int = 50
@@ -215,12 +216,14 @@ def finetune(cfg: FinetuneConfig, encoder: EncoderCheckpoint, rank: int = 0, wor
              "base_checkpoint": encoder.path}
     content = {"checkpoint": encoder.sha256, "train_shards": load_manifest(cfg.train_shards).fingerprint,
                "test_shards": load_manifest(cfg.test_shards).fingerprint}
+    # the saved config and the identity record the encoder actually built (re-running from RUN/config.yaml)
+    resolved = dataclasses.replace(cfg, arch=encoder.arch.name, input_size=size)
     result = run_training(model, batches, steps, loop, cfg.out, extra, step_fn=ClassificationStep(cfg, classes),
-                          run_config=cfg, run_spec=run_spec(cfg, content))
+                          run_config=resolved, run_spec=run_spec(resolved, content))
     scores = evaluate_classifier(model, center_batches(cfg.test_shards, size, cfg.batch_size, cfg.limit_test),
                                  resolve_device("auto"))
     return {"top1": scores["top1"], "top5": scores["top5"], "n_test": scores["n"],
             "n_train": steps * cfg.batch_size * world_size, "num_classes": classes, "epochs": cfg.epochs,
             "run_dir": str(cfg.out), "final_train_loss": result.last_metrics.get("loss"),
-            "config": dataclasses.asdict(cfg)}
+            "config": dataclasses.asdict(resolved)}
 

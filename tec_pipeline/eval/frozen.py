@@ -34,9 +34,11 @@ class FrozenEvalConfig:
     protocol: str = "lbfgs"  # linear probe only: see eval/linear.py PROTOCOLS
 
 
-def evaluate_frozen(methods: tuple[str, ...], cfg: FrozenEvalConfig) -> dict[str, dict[str, Any]]:
+def evaluate_frozen(methods: tuple[str, ...], cfg: FrozenEvalConfig, progress: bool = False
+                    ) -> dict[str, dict[str, Any]]:
     """Load the encoder, extract centre-view features of both splits once, run each of `methods` on them;
-    {method: JSON record}. One extraction serves both methods: it is most of an evaluation's cost."""
+    {method: JSON record}. One extraction serves both methods: it is most of an evaluation's cost.
+    `progress`: tqdm bars over the feature extraction and the probe (the stage passes logs.progress_enabled())."""
     from tec_pipeline.models.base import load_encoder
 
     unknown = [m for m in methods if m not in METHODS]
@@ -47,13 +49,13 @@ def evaluate_frozen(methods: tuple[str, ...], cfg: FrozenEvalConfig) -> dict[str
     encoder, info = load_encoder(cfg.checkpoint, cfg.arch, arch_flag="--arch", input_size=cfg.input_size)
     check_input_size(cfg.arch, info.arch, cfg.checkpoint, cfg.input_size)
     device, size = resolve_device("auto"), info.arch.img_size
-    train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device)
-    test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device)
+    train = shard_features(encoder, cfg.train_shards, size, cfg.batch_size, cfg.limit_train, device, progress)
+    test = shard_features(encoder, cfg.test_shards, size, cfg.batch_size, cfg.limit_test, device, progress)
     records = {}
     for method in methods:
         if method == "knn":
-            result = knn_evaluate(train, test, cfg.k, cfg.temperature, device)
+            result = knn_evaluate(train, test, cfg.k, cfg.temperature, device, progress)
         else:
-            result = linear_probe(train, test, cfg.seed, device, cfg.protocol)
+            result = linear_probe(train, test, cfg.seed, device, cfg.protocol, progress)
         records[method] = evaluation_record(method, info, len(train), len(test), cfg.seed, result)
     return records

@@ -6,16 +6,23 @@ its label with weight exp(similarity / T). Defaults k = 20, T = 0.07 as in DINO.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tec_pipeline.eval.features import POOLINGS, Features, num_classes, topk_accuracy
 
+CHUNK = 1024  # test images per [chunk, N] similarity block: bounds the memory
+
 
 def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, classes: int,
-               k: int = 20, temperature: float = 0.07, chunk: int = 1024,
-               device: torch.device | None = None) -> torch.Tensor:
-    """Class scores [N_test, classes] (CPU) from train [N, D] / train_labels [N] and test [M, D] features."""
+               k: int = 20, temperature: float = 0.07, chunk: int = CHUNK,
+               device: torch.device | None = None, tick: Callable[[], object] = lambda: None) -> torch.Tensor:
+    """Class scores [N_test, classes] (CPU) from train [N, D] / train_labels [N] and test [M, D] features;
+    `tick` is called after each chunk of test images."""
     device = device or torch.device("cpu")
     train_n = F.normalize(train.float().to(device), dim=1)
     labels = train_labels.to(device)
@@ -26,15 +33,19 @@ def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tens
         sims, idx = (test_n @ train_n.T).topk(k, dim=1)  # [c, k]
         votes = F.one_hot(labels[idx], classes).float()  # [c, k, classes]
         out.append((votes * (sims / temperature).exp().unsqueeze(-1)).sum(dim=1).cpu())
+        tick()
     return torch.cat(out)
 
 
 def knn_evaluate(train: Features, test: Features, k: int = 20, temperature: float = 0.07,
-                 device: torch.device | None = None) -> dict:
-    """Per pooling {'top1', 'top5'} (percent), plus the best pooling's numbers at the top level."""
+                 device: torch.device | None = None, progress: bool = False) -> dict:
+    """Per pooling {'top1', 'top5'} (percent), plus the best pooling's numbers at the top level.
+    `progress`: a tqdm bar over the chunks of test images of both poolings."""
     classes = num_classes(train.labels, test.labels)
-    per = {p: topk_accuracy(knn_scores(train.pooled(p), train.labels, test.pooled(p), classes, k, temperature,
-                                       device=device), test.labels) for p in POOLINGS}
+    with tqdm(total=math.ceil(len(test) / CHUNK) * len(POOLINGS), desc="knn", unit="chunk", disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        per = {p: topk_accuracy(knn_scores(train.pooled(p), train.labels, test.pooled(p), classes, k, temperature,
+                                           device=device, tick=bar.update), test.labels) for p in POOLINGS}
     best = max(POOLINGS, key=lambda p: per[p]["top1"])
     return {"top1": per[best]["top1"], "top5": per[best]["top5"], "pooling": best, "per_pooling": per,
             "k": k, "temperature": temperature, "num_classes": classes}

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tec_pipeline.eval.features import POOLINGS, Features, num_classes, topk_accuracy
-from tec_pipeline.eval.linear_mae import mae_probe
+from tec_pipeline.eval.linear_mae import MAEProbeConfig, mae_probe
 
 log = logging.getLogger(__name__)
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
@@ -72,11 +73,22 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: flo
     return weight.detach(), bias.detach()
 
 
-def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int
+def _holdout_size(n: int, classes: int) -> int:
+    """Hold-out images for choosing the penalty; 0 when too few for a meaningful hold-out."""
+    n_hold = int(n * HOLDOUT_FRACTION)
+    return n_hold if n_hold >= classes else 0
+
+
+def _fits(n: int, classes: int) -> int:
+    """L-BFGS fits one `probe` runs: one per penalty on the hold-out split, then the final one."""
+    return 1 + (len(WEIGHT_DECAYS) if _holdout_size(n, classes) else 0)
+
+
+def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int, tick: Callable[[], object]
                          ) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
     """The penalty with the best hold-out accuracy (ties: the stronger one) and its solution."""
-    n_hold = int(len(x) * HOLDOUT_FRACTION)
-    if n_hold < classes:  # too few images for a meaningful hold-out: keep the middle of the grid
+    n_hold = _holdout_size(len(x), classes)
+    if not n_hold:  # keep the middle of the grid
         return WEIGHT_DECAYS[len(WEIGHT_DECAYS) // 2], None
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
     hold, fit = perm[:n_hold], perm[n_hold:]
@@ -85,6 +97,7 @@ def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: int, seed: i
     solution = None
     for wd in sorted(WEIGHT_DECAYS, reverse=True):  # strong to weak penalty, each warm-started from the last
         solution = fit_linear(xf, y[fit], classes, wd, init=solution)
+        tick()
         accuracy = float((F.linear(xh, *solution).argmax(dim=1) == y[hold]).float().mean())
         if accuracy > best[0]:
             best = (accuracy, wd, solution)
@@ -92,31 +105,39 @@ def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: int, seed: i
 
 
 def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-          classes: int, seed: int = 0, device: torch.device | None = None) -> dict:
+          classes: int, seed: int = 0, device: torch.device | None = None,
+          tick: Callable[[], object] = lambda: None) -> dict:
     """Fit on train features [N, D] / labels [N], score on test; {'top1', 'top5', 'weight_decay'}.
 
     Runs on `device` (default CPU); on CUDA the fit is still deterministic up to float rounding order.
+    `tick` is called after each L-BFGS fit (`_fits` of them).
     """
     device = device or torch.device("cpu")
     x, y = train_x.float().to(device), train_y.to(device)
     with _threads_for(train_x):
-        wd, warm = _choose_weight_decay(x, y, classes, seed)
+        wd, warm = _choose_weight_decay(x, y, classes, seed, tick)
         xtr, xte = standardize(x, test_x.float().to(device))
         w, b = fit_linear(xtr, y, classes, wd, init=warm)
+        tick()
     return {**topk_accuracy(F.linear(xte, w, b).cpu(), test_y), "weight_decay": wd}
 
 
 def linear_probe(train: Features, test: Features, seed: int = 0, device: torch.device | None = None,
-                 protocol: str = "lbfgs") -> dict:
-    """Per pooling results, plus the best pooling's top1/top5 at the top level, and the protocol used."""
+                 protocol: str = "lbfgs", progress: bool = False) -> dict:
+    """Per pooling results, plus the best pooling's top1/top5 at the top level, and the protocol used.
+    `progress`: a tqdm bar over the L-BFGS fits (lbfgs) or training epochs (mae) of both poolings."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     fit = probe if protocol == "lbfgs" else mae_probe
     classes = num_classes(train.labels, test.labels)
+    steps, unit = (_fits(len(train), classes), "fit") if protocol == "lbfgs" else (MAEProbeConfig().epochs, "epoch")
     per = {}
-    for pooling in POOLINGS:
-        per[pooling] = fit(train.pooled(pooling), train.labels, test.pooled(pooling), test.labels, classes, seed,
-                           device=device)
+    with tqdm(total=steps * len(POOLINGS), desc=f"linear probe ({protocol})", unit=unit, disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        for pooling in POOLINGS:
+            per[pooling] = fit(train.pooled(pooling), train.labels, test.pooled(pooling), test.labels, classes,
+                               seed, device=device, tick=bar.update)
+    for pooling in POOLINGS:  # after the bar: a log line inside it would break the bar's line
         log.info("linear probe (%s): top-1 %.2f%%", pooling, per[pooling]["top1"])
     best = max(POOLINGS, key=lambda p: per[p]["top1"])
     return {"top1": per[best]["top1"], "top5": per[best]["top5"], "pooling": best, "per_pooling": per,

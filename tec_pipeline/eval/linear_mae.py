@@ -17,6 +17,7 @@ Two departures, both stated in the JSON:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,8 +76,9 @@ def _lr_at(step: int, steps_per_epoch: int, cfg: MAEProbeConfig, peak: float) ->
 
 def mae_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
               classes: int, seed: int = 0, cfg: MAEProbeConfig | None = None,
-              device: torch.device | None = None) -> dict:
-    """Train the BN + linear head on train features [N, D] / labels [N]; {'top1', 'top5', 'lr', 'config'}."""
+              device: torch.device | None = None, tick: Callable[[], object] = lambda: None) -> dict:
+    """Train the BN + linear head on train features [N, D] / labels [N]; {'top1', 'top5', 'lr', 'config'}.
+    `tick` is called after each epoch."""
     cfg = cfg or MAEProbeConfig()
     device = device or torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
@@ -104,6 +106,7 @@ def mae_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
             loss.backward()
             optimizer.step()
             step += 1
+        tick()
     head.eval()
     with torch.no_grad():
         logits = head(test_x.float().to(device)).cpu()

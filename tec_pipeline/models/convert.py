@@ -12,6 +12,13 @@ registers, ...).
 
 The MLP CLS token is folded into `cls_token` (exact: it acts on the learned token only), adaptors, decoders
 and mask tokens are dropped (both done by `read_encoder_checkpoint`).
+
+`convert_to_hf` writes the same weights in timm's Hugging Face layout (`model.safetensors` + `config.json`, by
+timm's own `save_for_hf`), so `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds and loads it:
+config.json's `architecture` is `timm_name` and its `model_args` the sizes, which is how a student of any size
+(named `tec_*` or `vit_p…px…` here, names timm does not know) is rebuilt. The export has no head
+(`num_classes` 0); `num_classes=N` gives a fresh one. The pretrained_cfg describes the evaluation view this
+project uses (bicubic, crop 0.875, ImageNet mean/std), not that of the timm model the sizes came from.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from tec_pipeline.config import require
+from tec_pipeline.data.views import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
 from tec_pipeline.errors import UserError
-from tec_pipeline.models.base import EncoderCheckpoint, read_encoder_checkpoint
+from tec_pipeline.models.base import HF_CONFIG, HF_WEIGHTS, EncoderCheckpoint, read_encoder_checkpoint
 from tec_pipeline.models.vit import ViTArch, build_vit
 
 log = logging.getLogger(__name__)
@@ -80,6 +90,43 @@ def convert_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[st
     log.info("wrote %s: %s (%s, from %s format, sha256 %s…)", out, ckpt.arch.name, ckpt.arch.timm_name,
              ckpt.fmt, ckpt.sha256[:12])
     return out
+
+
+def hf_pretrained_cfg(arch: ViTArch) -> dict[str, Any]:
+    """timm pretrained_cfg of an export: how its inputs are made (`center_view_uint8` + normalisation), no head."""
+    return {"architecture": arch.timm_name, "input_size": (3, arch.img_size, arch.img_size),
+            "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": EVAL_CROP_FRACTION,
+            "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": 0, "pool_size": None,
+            "first_conv": "patch_embed.proj", "classifier": "head"}
+
+
+def convert_to_hf(source: str | os.PathLike[str], directory: str | os.PathLike[str], arch: str | None = None,
+                  input_size: int | None = None) -> Path:
+    """Write `source` as timm's Hugging Face layout into `directory` (model.safetensors + config.json).
+
+    Both files are written to a temporary folder beside `directory` first, then moved in with os.replace, so a
+    failed export leaves an earlier one whole. Other files in `directory` are left alone.
+    """
+    from timm.models import save_for_hf
+
+    directory = Path(directory)
+    require(not directory.is_file(), f"--hf {directory} is a file; give a folder (created if missing)")
+    ckpt = read_encoder_checkpoint(source, arch, arch_flag="--arch", input_size=input_size)
+    model = build_vit(ckpt.arch)
+    model.load_state_dict(export_state_dict(ckpt))
+    model.pretrained_cfg = hf_pretrained_cfg(ckpt.arch)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    try:
+        save_for_hf(model, str(tmp), safe_serialization=True,
+                    model_config={"tec": {"arch": ckpt.arch.to_dict(), "source_sha256": ckpt.sha256}})
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in (HF_WEIGHTS, HF_CONFIG):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s/{%s,%s}: %s (timm %s + model_args), from %s format, sha256 %s…", directory, HF_WEIGHTS,
+             HF_CONFIG, ckpt.arch.name, ckpt.arch.timm_name, ckpt.fmt, ckpt.sha256[:12])
+    return directory
 
 
 def load_exported(path: str | os.PathLike[str]) -> VisionTransformer:

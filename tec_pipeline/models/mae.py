@@ -17,6 +17,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from tec_pipeline.models.masking import random_masking, restore_sequence
 from tec_pipeline.models.vit import ViTArch, init_mae_layers, sincos_pos_embed_2d
 
 DECODER_PREFIXES = ("decoder_", "mask_token")  # keys that are not part of the encoder
@@ -89,30 +90,11 @@ class MaskedAutoencoder(nn.Module):
         x = images.reshape(images.shape[0], 3, g, p, g, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(images.shape[0], g * g, p * p * 3)
 
-    def random_masking(self, x: torch.Tensor, noise: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep the int(L·(1−ratio)) patches with the smallest noise.
-
-        x: [B, L, D]; noise: [B, L] in [0, 1) (drawn when None). Returns x_kept [B, K, D], mask [B, L] (0 is keep,
-        1 is remove) and ids_restore [B, L].
-        """
-        B, L, D = x.shape
-        keep = int(L * (1 - self.config.mask_ratio))
-        if noise is None:
-            noise = torch.rand(B, L, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(B, L, device=x.device)
-        mask[:, :keep] = 0
-        return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
-
     def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images [B, 3, S, S] → latent [B, 1+K, D] (after norm), mask [B, L], ids_restore [B, L]."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]  # pos_embed before masking, CLS after
-        x, mask, ids_restore = self.random_masking(x, noise)
+        x, mask, ids_restore = random_masking(x, self.config.mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
@@ -121,12 +103,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [B, 1+K, D], ids_restore [B, L] → pixel predictions [B, L, p·p·3]."""
-        x = self.decoder_embed(latent)
-        B, L = ids_restore.shape
-        masked = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], masked], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        x = restore_sequence(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]

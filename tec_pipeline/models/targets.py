@@ -18,15 +18,13 @@ k and q slices of attn.qkv, attn.q_norm / attn.k_norm), so every timm block vari
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from tec_pipeline.config import require
-from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch, unsupported_features
+from tec_pipeline.models.vit import ViTArch, unsupported_features
 
 Tensor = torch.Tensor
 # What computes the targets, recorded in every store (a resume across implementations would mix two kinds of
@@ -155,42 +153,3 @@ def stored_targets(model: VisionTransformer, x: Tensor, k: int, last_layers: int
 def full_attention_targets(model: VisionTransformer, x: Tensor, k: int, last_layers: int = 2) -> dict[str, Tensor]:
     """Same as `compute_targets`, but the last block materialises the full [B,H,N,N] logits (reference)."""
     return _targets(model, x, k, last_layers, last_block_full)
-
-
-def _interleaved_median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall time (ms) of each callable; runs alternate so load changes on a shared host hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up: allocator and kernel selection
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-@torch.no_grad()
-def time_attention_targets(arch: ViTArch | str, batch: int = 8, reps: int = 5, k: int = 15,
-                           last_layers: int = 2, device: str = "cpu") -> dict[str, float]:
-    """Median wall time (ms) of row-sparse vs full attention targets on a random-init ViT, batch of random views.
-
-    Whole target computation (`row_sparse_ms`, `full_ms`, `speedup` = full / row-sparse) and the last block
-    alone (`last_block_*`, where the two paths differ; 4x the reps, it is cheap). CUDA work is synchronised
-    before each clock read.
-    """
-    arch = resolve_arch(arch) if isinstance(arch, str) else arch
-    model = build_vit(arch).to(device).eval()
-    x = torch.randn(batch, 3, arch.img_size, arch.img_size, device=device)
-    h = torch.randn(batch, 1 + arch.num_patches, arch.embed_dim, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def run(fn: Callable[..., object], *args: object) -> Callable[[], object]:
-        return lambda: (fn(*args), sync())
-
-    whole = _interleaved_median_ms({"row_sparse_ms": run(compute_targets, model, x, k, last_layers),
-                                    "full_ms": run(full_attention_targets, model, x, k, last_layers)}, reps)
-    last = _interleaved_median_ms({"last_block_row_sparse_ms": run(last_block_row_sparse, model.blocks[-1], h, k),
-                                   "last_block_full_ms": run(last_block_full, model.blocks[-1], h, k)}, 4 * reps)
-    return {**whole, **last, "speedup": whole["full_ms"] / whole["row_sparse_ms"],
-            "last_block_speedup": last["last_block_full_ms"] / last["last_block_row_sparse_ms"]}

@@ -11,6 +11,7 @@ qk-norm, `no_embed_class`, any patch size) are whatever timm makes of that name.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,13 +210,36 @@ def arch_from_timm(name: str, img_size: int | None = None, **model_args: Any) ->
 _PLAIN_TIMM_NAMES = {PLAIN_TIMM_NAME} | {a.timm_name for a in ARCH_PRESETS.values()}
 
 
+# The name `plain_arch` gives a plain ViT that no preset names, e.g. vit_p4_16px_d48_l3_h2 (patch, input size,
+# width, depth, heads; `_mlp<ratio>` when the MLP ratio is not 4): it says every size, so it resolves back to the
+# same ViT and a saved config naming it re-runs the same job.
+_PLAIN_NAME = re.compile(r"vit_p(\d+)_(\d+)px_d(\d+)_l(\d+)_h(\d+)(?:_mlp(\d+(?:\.\d+)?))?")
+
+
+def plain_name(arch: ViTArch) -> str:
+    """The self-describing name of a plain ViT of `arch`'s sizes (read back by `resolve_arch`)."""
+    mlp = "" if arch.mlp_ratio == 4.0 else f"_mlp{arch.mlp_ratio!r}"
+    return f"vit_p{arch.patch_size}_{arch.img_size}px_d{arch.embed_dim}_l{arch.depth}_h{arch.num_heads}{mlp}"
+
+
+def _from_plain_name(name: str) -> ViTArch | None:
+    match = _PLAIN_NAME.fullmatch(name)
+    if match is None:
+        return None
+    patch, img, dim, depth, heads = (int(g) for g in match.groups()[:5])
+    mlp_ratio = float(match.group(6)) if match.group(6) else 4.0
+    return ViTArch(name, PLAIN_TIMM_NAME, img, patch, dim, depth, heads, mlp_ratio, *default_decoder(dim))
+
+
 def resolve_arch(name: str, img_size: int | None = None) -> ViTArch:
-    """A preset, or any timm VisionTransformer name, optionally at another input size.
+    """A preset, a plain-ViT name of `plain_name`'s form, or any timm VisionTransformer name, optionally at
+    another input size.
 
     Raises ValueError naming what is wrong (unknown name, unsupported model, a size the patch does not divide).
     """
-    if name in ARCH_PRESETS:
-        arch = ARCH_PRESETS[name]
+    plain = _from_plain_name(name)
+    if name in ARCH_PRESETS or plain is not None:
+        arch = ARCH_PRESETS.get(name) or plain
         arch = arch if img_size is None else dataclasses.replace(arch, img_size=img_size)
     else:
         arch = arch_from_timm(name, img_size)
@@ -241,8 +265,7 @@ def plain_arch(arch: ViTArch) -> ViTArch:
     """
     if arch.is_plain and arch.source_grid is None and arch.timm_name in _PLAIN_TIMM_NAMES:
         return arch
-    name = f"vit_p{arch.patch_size}_{arch.img_size}px_d{arch.embed_dim}_l{arch.depth}_h{arch.num_heads}"
-    return dataclasses.replace(arch, name=name, timm_name=PLAIN_TIMM_NAME, qkv_bias=True, qk_norm=False,
+    return dataclasses.replace(arch, name=plain_name(arch), timm_name=PLAIN_TIMM_NAME, qkv_bias=True, qk_norm=False,
                                init_values=None, reg_tokens=0, class_token=True, no_embed_class=False,
                                source_grid=None)
 

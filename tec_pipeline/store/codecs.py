@@ -3,7 +3,7 @@
 A `Codec` pairs one `TensorCodec` for the features with one for the attention. A tensor codec turns a float32
 tensor [n, *S] into named arrays [n, ...] (`encode`), back into float32 (`decode`), and states its error bound
 per element from the stored arrays alone (`tolerance`). `TargetStore` (layout.py) is the only other code that
-touches these arrays; `measure_codec` is what `tec bench` reports.
+touches these arrays; `bench.codecs.measure_codec` is what `tec bench` reports.
 
 | codec | features stored as | attention stored as | compressor | max abs error per element |
 |---|---|---|---|---|
@@ -33,7 +33,6 @@ int8 gains 1.09× at ~700 MB/s, kept; for ecq it is the entropy coder (2.2×), a
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -306,49 +305,3 @@ def get_codec(name: str) -> Codec:
     if name not in CODECS:
         raise UserError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
     return CODECS[name]
-
-
-def _round_trip(
-    codec: Codec, arrays: Mapping[str, zarr.Array], features: np.ndarray, attention: np.ndarray
-) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """Encode + write view 0, then read + decode it: (encode s, decode s, features, attention)."""
-    t0 = time.perf_counter()
-    encoded = {**codec.features.encode(features), **codec.attention.encode(attention)}
-    for key, value in encoded.items():
-        arrays[key][0] = value
-    t1 = time.perf_counter()
-    stored = {key: arr[0] for key, arr in arrays.items()}
-    feats, att = codec.features.decode(stored), codec.attention.decode(stored)
-    return t1 - t0, time.perf_counter() - t1, feats, att
-
-
-def measure_codec(name: str, features: np.ndarray, attention: np.ndarray, repeats: int = 3) -> dict[str, float]:
-    """Encode + write to a Zarr MemoryStore, read + decode, and measure (best time of `repeats`).
-
-    features: float32 [n, L, D] (normalised); attention: float32 [n, 1+k, H, L] — one view of n images.
-    bytes_per_view is the size of the chunk objects actually written (compressed, CRC included, metadata
-    excluded) divided by n; ratio_to_fp16 divides it by the raw float16 size of both tensors. MB/s count the
-    float32 input bytes (1 MB = 1e6 B) over encode+write and read+decode respectively.
-    """
-    codec = get_codec(name)
-    n, patches, dim = features.shape
-    queries, heads = attention.shape[1:3]
-    objects: dict[str, zarr.core.buffer.Buffer] = {}
-    group = zarr.open_group(zarr.storage.MemoryStore(objects), mode="w")
-    layouts = codec.layouts(patches, dim, queries, heads)
-    arrays = {lay.name: create_array(group, lay, (1, n), n) for lay in layouts}
-    runs = [_round_trip(codec, arrays, features, attention) for _ in range(max(1, repeats))]
-    feats, att = runs[-1][2:]
-
-    chunk_bytes = sum(len(buf) for key, buf in objects.items() if "/c/" in key)
-    raw_fp16 = n * (patches * dim + queries * heads * patches) * 2
-    input_mb = (features.nbytes + attention.nbytes) / 1e6
-    return {
-        "bytes_per_view": chunk_bytes / n,
-        "ratio_to_fp16": chunk_bytes / raw_fp16,
-        "encode_mb_s": input_mb / min(r[0] for r in runs),
-        "decode_mb_s": input_mb / min(r[1] for r in runs),
-        "max_abs_err": float(np.abs(feats - features).max()),
-        "max_abs_err_attention": float(np.abs(att - attention).max()),
-        "rmse": float(np.sqrt(np.mean((feats - features) ** 2))),
-    }

@@ -307,7 +307,7 @@ def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]
                  run_spec: run_dirs.RunSpec | None = None) -> TrainResult:
     """Train `model` in place for `cfg.epochs` epochs of `steps_per_epoch` micro-batches; see the module docstring.
 
-    Writes RUN/config.yaml (`run_config` or `cfg`), RUN/metrics.csv, RUN/run.json and the checkpoints (rank 0);
+    Writes RUN/config.yaml (`run_config` or `cfg`, as `run_dir.rerun_config` re-runs it), RUN/metrics.csv, RUN/run.json and the checkpoints (rank 0);
     `run_spec`: the run's identity (train.run_dir; default: `run_config`'s fields). Raises NonFiniteLossError
     on a NaN/inf loss, leaving the last good checkpoint in place.
     """
@@ -322,7 +322,7 @@ def run_training(model: nn.Module, batches: Callable[[int, int], Iterable[Batch]
     total_steps = cfg.epochs * run.steps_per_epoch
     if run.rank == 0:
         _log_plan(run, total_steps, start)
-        save_config(run_config if run_config is not None else cfg, run_dir / "config.yaml")
+        save_config(run_dirs.rerun_config(run_config if run_config is not None else cfg), run_dir / "config.yaml")
     metrics = MetricsLogger(run_dir, enabled=run.rank == 0, resume_step=run.step if start else None)
     position = start or {"epoch": 0, "batch": 0}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,9 @@ def pretrain_mae(cfg: MAEPretrainConfig, rank: int = 0, world_size: int = 1) -> 
         return fresh_view_batches(cfg.shards, arch.img_size, cfg.batch_size, cfg.seed, epoch, start, rank,
                                   world_size, cfg.workers, cfg.limit)
 
+    # the saved config and the identity record what was built, so re-running from RUN/config.yaml is this run
+    resolved = dataclasses.replace(cfg, model=arch.name, decoder_depth=mae_cfg.resolved(arch).decoder_depth)
     return run_training(model, batches, steps, loop, Path(cfg.out), checkpoint_extra(arch, mae_cfg),
-                        step_fn=mae_step, run_config=cfg, run_spec=run_spec(cfg, {"shards": manifest.fingerprint}))
+                        step_fn=mae_step, run_config=resolved,
+                        run_spec=run_spec(resolved, {"shards": manifest.fingerprint}))
 

@@ -172,6 +172,17 @@ def _student_arch(cfg: PretrainConfig, base_arch: ViTArch) -> ViTArch:
     return arch
 
 
+def resolved_config(cfg: PretrainConfig, arch: ViTArch, k: int, last_layers: int, views: int | None,
+                    seed_of_views: int) -> PretrainConfig:
+    """`cfg` with each default that the inputs decide replaced by what was built (student, decoder, k, view
+    seed, ...): RUN/config.yaml and the run's identity record these, so re-running from config.yaml, or with
+    the resolved values spelled out, is the same job and resumes the same run."""
+    return dataclasses.replace(cfg, model=arch.name, input_size=arch.img_size, decoder_depth=arch.decoder_depth,
+                               decoder_dim=arch.decoder_embed_dim, decoder_heads=arch.decoder_num_heads,
+                               decoder_mlp_ratio=arch.decoder_mlp_ratio, topk=k, last_layers=last_layers,
+                               views=views, view_seed=seed_of_views)
+
+
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Check everything, then train; raises UserError before any step when the inputs do not fit together."""
     _validate(cfg)
@@ -202,6 +213,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         rows, last_layers, views = manifest.total_rows, cfg.last_layers, 1
     rows = rows if cfg.limit is None else min(rows, cfg.limit)
     seed_of_views = view_seed(cfg, store)
+    resolved = resolved_config(cfg, arch, k, last_layers, views if store is not None else cfg.views, seed_of_views)
     torch.manual_seed(cfg.seed)  # the student's initialisation is part of the run's identity (exact resume)
     model = TECStudent(arch, k=k, mask_ratio=cfg.mask_ratio, mlp_token=cfg.mlp_token, pred_att=cfg.pred_att,
                        att_tau=cfg.att_tau, pred_dim=pred[0], pred_heads=pred[1])
@@ -220,8 +232,8 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     step = _Step(cfg.masks_per_view, base, k, last_layers)
     batches = TrainingBatches(spec, steps)
     try:
-        return run_training(model, batches, steps, loop, cfg.out, extra, step_fn=step, run_config=cfg,
-                            run_spec=run_spec(cfg, content))
+        return run_training(model, batches, steps, loop, cfg.out, extra, step_fn=step, run_config=resolved,
+                            run_spec=run_spec(resolved, content))
     finally:
         batches.close()
 

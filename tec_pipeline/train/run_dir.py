@@ -1,7 +1,8 @@
 """A run directory holds one run: its identity, refusals of a resume that would change it, --overwrite, --init-from.
 
 The identity (`RUN/run.json`, key "identity") is every setting that changes the result: the command's options
-(schedule, lr, epochs, warm-up, batch, accum, masking and loss settings, model, seed, loader workers, limit, …)
+as resolved (schedule, lr, epochs, warm-up, batch, accum, masking and loss settings, the model actually built
+rather than `null`, seed, loader workers, limit, …; so a re-run from RUN/config.yaml is the same run)
 with input paths replaced by their content (shard-manifest fingerprint, store fingerprint, checkpoint sha256),
 the loop's derived settings (betas, layer decay, world size, micro-batches per epoch), the model's record
 (architecture, kind, mode) and, for `--init-from`, the parent checkpoint's sha256. Options are identity by
@@ -40,6 +41,7 @@ RUN_FILE = "run.json"
 # Options that do not change what a run computes; everything else is identity.
 MAY_CHANGE = frozenset({
     "out",  # where the run lives (a moved run directory is the same run)
+    "json",  # where a fine-tune also writes its results record
     "resume", "overwrite", "init_from", "init_optimizer",  # how to treat the directory; the parent is recorded apart
     "save_every", "keep_checkpoints",  # how often / how many checkpoints are kept (saving draws no randomness)
     "device",  # where it computes (the identity still records world size and precision policy)
@@ -99,6 +101,15 @@ def default_spec(run_config: Any) -> RunSpec:
     if run_config is not None and dataclasses.is_dataclass(run_config):
         return run_spec(run_config, {})
     return RunSpec({})
+
+
+def rerun_config(config: Any) -> Any:
+    """`config` as RUN/config.yaml records it: the resolved job with a resume's directory handling (resume on,
+    overwrite off), so that `tec COMMAND --config RUN/config.yaml` continues this run rather than wiping it."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    names = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in (("resume", True), ("overwrite", False)) if k in names})
 
 
 def loop_settings(loop_cfg: Any, world_size: int, micro_per_epoch: int, record: Mapping[str, Any]) -> dict:
