@@ -8,7 +8,8 @@ import sys
 import click
 
 from tec_pipeline.config import config_option
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.integrity import describe
+from tec_pipeline.store.target_store import TargetStore
 from tec_pipeline.store.verify import verify_store
 
 
@@ -42,7 +43,7 @@ def _summary_lines(d: dict) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def command(store: str, as_json: bool) -> None:
     """Summarise a target store: views, rows, completeness, bytes per view, codec, base model, data."""
-    description = TargetStore.open(store).describe()
+    description = describe(TargetStore.open(store))
     click.echo(json.dumps(description, indent=1, default=str) if as_json else "\n".join(_summary_lines(description)))
 
 

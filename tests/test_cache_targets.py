@@ -19,7 +19,7 @@ from tec_pipeline.data.views import ViewBox, replay_view
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
 
 pytestmark = needs_fashion_mnist

@@ -30,7 +30,8 @@ from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.writing import write_shards
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.stage1.cluster import run_group
-from tec_pipeline.store.layout import TargetStore, Task
+from tec_pipeline.store.layout import Task
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import cache_targets_argv, needs_fashion_mnist, run_tec
 
 pytestmark = needs_fashion_mnist

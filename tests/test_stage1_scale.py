@@ -20,7 +20,8 @@ import pytest
 import zarr
 
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.integrity import check_integrity
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
@@ -110,7 +111,7 @@ def test_torchrun_resume_with_more_ranks_than_pending_groups(reference: Path, fm
 
 _SLOW_DRIVER = """
 import sys, time
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 write = TargetStore.write_task
 def slow(self, *a, **k):
     time.sleep(float(sys.argv[1]))
@@ -142,7 +143,7 @@ def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Pa
         computed += int(next(ln for ln in stdout.splitlines() if "tasks computed" in ln).split()[0])
     assert computed == 10  # every task written by exactly one of the two writers
     store = TargetStore.open(out)
-    assert store.done_mask().all() and not store.check_integrity()
+    assert store.done_mask().all() and not check_integrity(store)
     _assert_same_arrays(out, reference)
     assert not list(out.rglob("*.partial")) and not out.with_name("shared.zarr.claims").exists()
 

@@ -52,7 +52,7 @@ def _worker_resources(cfg: CacheConfig) -> tuple[Any, ...]:
     from tec_pipeline.devices import resolve_device
     from tec_pipeline.models.base import load_encoder
     from tec_pipeline.store.claims import ClaimBook, local_root
-    from tec_pipeline.store.layout import TargetStore
+    from tec_pipeline.store.target_store import TargetStore
 
     key = (cfg.base_model, cfg.base_arch, cfg.input_size, cfg.shards, cfg.out, cfg.device)
     with _WORKER_LOCK:  # a worker with several threads loads the model once

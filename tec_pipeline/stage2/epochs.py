@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tec_pipeline.data.cached import CachedViews, known_valid_rows
 from tec_pipeline.data.loader import (
     DEFAULT_SHUFFLE_BUFFER,
     FreshViews,
@@ -32,7 +31,8 @@ from tec_pipeline.data.loader import (
     skipped_per_worker,
 )
 from tec_pipeline.data.shards import Manifest
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.stage2.cached import CachedViews, known_valid_rows
+from tec_pipeline.store.target_store import TargetStore
 
 VIEW_POLICIES = ("cycle", "first")
 

@@ -17,7 +17,7 @@ from tec_pipeline.data.shards import Sample
 from tec_pipeline.data.views import ViewBox, replay_view_uint8
 from tec_pipeline.errors import UserError
 from tec_pipeline.store.integrity import damage_explained
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 
 TARGET_KEYS = ("features", "attention", "topk_index")
 
