@@ -14,14 +14,15 @@ from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.eval.report import evaluation_record, write_json
 from tec_pipeline.outputs import require_writable
+from tec_pipeline.storage import storage_options_option
 
 _COMMON = (
     click.option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, iBOT/DINO, DINOv2 hub, "
                  "timm, timm HF folder, safetensors)."),
     click.option("--arch", default=None, help="Architecture (preset or timm ViT name) when the checkpoint records none."),
     click.option("--input-size", default=None, type=int, help="Run the encoder at this size (default: its own)."),
-    click.option("--train-shards", required=True, type=click.Path(), help="Labelled training shards."),
-    click.option("--test-shards", required=True, type=click.Path(), help="Labelled test shards."),
+    click.option("--train-shards", required=True, type=click.Path(), help="Labelled training shards (directory or URL)."),
+    click.option("--test-shards", required=True, type=click.Path(), help="Labelled test shards (directory or URL)."),
     click.option("--json", "json", default=None, type=click.Path(dir_okay=False), help="Write the results here."),
     click.option("--limit-train", default=None, type=int, help="Only the first N training images."),
     click.option("--limit-test", default=None, type=int, help="Only the first N test images."),
@@ -34,7 +35,7 @@ def common_options(batch_size: int) -> Callable[[Callable[..., Any]], Callable[.
         f = click.option("--batch-size", default=batch_size, show_default=True, type=int)(f)
         for option in reversed(_COMMON):
             f = option(f)
-        return config_option(f)
+        return config_option(storage_options_option(f))
     return wrap
 
 

@@ -6,13 +6,15 @@ import click
 
 from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
+from tec_pipeline.storage import storage_options_option
 from tec_pipeline.train.distributed import init_distributed, is_main_process
 from tec_pipeline.train.mae_pretrain import MAEPretrainConfig, pretrain_mae
 
 
 @click.command("mae-pretrain")
 @config_option
-@click.option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
+@storage_options_option
+@click.option("--shards", required=True, type=click.Path(), help="Shard directory or URL (s3://bucket/prefix) with manifest.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics).")
 @click.option("--model", default=MAEPretrainConfig.model, show_default=True, help="Encoder architecture preset.")
 @click.option("--epochs", default=MAEPretrainConfig.epochs, show_default=True, type=int)

@@ -7,13 +7,15 @@ import click
 from stages.common import run_dir_options
 from tec_pipeline.config import config_option, from_options
 from tec_pipeline.data.loader import DEFAULT_SHUFFLE_BUFFER
+from tec_pipeline.storage import storage_options_option
 from tec_pipeline.train.loop import AMP_POLICIES
 from tec_pipeline.train.pretrain import VIEW_POLICIES, PretrainConfig, run_pretrain
 
 
 @click.command("pretrain")
 @config_option
-@click.option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
+@storage_options_option
+@click.option("--shards", required=True, type=click.Path(), help="Shard directory or URL (s3://bucket/prefix) with manifest.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics).")
 @click.option("--targets", default=None, help="Target store from `tec cache-targets` (cached mode).")
 @click.option("--base-model", default=None, help="Base-model checkpoint: online mode, targets computed per step.")

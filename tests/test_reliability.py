@@ -156,13 +156,13 @@ def test_cache_targets_sigkilled_at_three_random_points_then_rerun_is_identical(
     _assert_same_store(out, reference_store)
 
 
-def _logged_group(cfg: CacheConfig, tasks: list[Task]) -> int:
+def _logged_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict) -> int:
     """`run_group` on a dask worker, slowed and logged to tasks.log beside the store so a test can kill it."""
     log = Path(cfg.out).with_name("tasks.log")
     with open(log, "a") as f:
         f.write(f"start {tasks[0].index} {os.getpid()}\n")
     time.sleep(0.3)
-    rows = run_group(cfg, tasks)
+    rows = run_group(cfg, tasks, storage_options)
     with open(log, "a") as f:
         f.write(f"end {tasks[0].index} {os.getpid()}\n")
     return rows

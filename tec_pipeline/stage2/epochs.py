@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,7 +106,7 @@ class RunStream(IterableDataset):
                               spec.workers, spec.limit, shuffle_buffer=spec.shuffle_buffer,
                               valid=known() if known is not None else None,
                               valid_per_unit=spec.valid_per_unit)[unit]
-            yield from iter_unit_batches(Path(spec.shards), plan, skip if epoch == self.first_epoch else 0, item_fn)
+            yield from iter_unit_batches(spec.shards, plan, skip if epoch == self.first_epoch else 0, item_fn)
 
 
 class TrainingBatches:

@@ -23,6 +23,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from tec_pipeline import storage
 from tec_pipeline.errors import UserError
 from tec_pipeline.store.attributes import OWNED_ATTRS, VOLATILE_ATTRS, attr_diff, plain_attrs
 from tec_pipeline.store.cleanup import remove_torn_writes
@@ -31,12 +32,14 @@ from tec_pipeline.store.layout import FORMAT_VERSION, StoreSpec, Task, check_tas
 
 
 def zarr_store(url: str, read_only: bool) -> Store:
-    """A Zarr store for a local path, `file://` URL (LocalStore) or other fsspec URL (FsspecStore)."""
+    """A Zarr store for a local path, `file://` URL (LocalStore) or other fsspec URL (FsspecStore, opened with this
+    process's storage options; an unusable URL is a UserError before any read or write)."""
     path = os.fspath(url)
     if path.startswith("file://"):
         path = path[len("file://"):]
     elif "://" in path:
-        return FsspecStore.from_url(path, read_only=read_only)
+        storage.check_location(path, "store")
+        return FsspecStore.from_url(path, storage_options=storage.current(), read_only=read_only)
     if os.path.isfile(path):
         raise UserError(f"{url} is a file, not a target store directory; pass the store's directory")
     return LocalStore(path, read_only=read_only)
