@@ -29,7 +29,7 @@ from tec_pipeline import storage
 from tec_pipeline.data.shards import iter_shard_fields, load_manifest
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = [needs_fashion_mnist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +110,21 @@ def s3() -> Iterator[S3]:
             proc.wait()
 
 
-def _env_without_credentials() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"PYTHONPATH": str(ROOT)}
+@pytest.fixture(autouse=True)
+def _no_options_left_over() -> Iterator[None]:
+    """Storage options are process state: a test's CLI run must not lend its options to the next test."""
+    yield
+    storage.use({})
+
+
+@pytest.fixture()
+def no_credentials_in_env(s3: S3, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The AWS_* variables removed (credentials must come from options), with fresh filesystem instances."""
+    for name in s3.env:
+        monkeypatch.delenv(name)
+    S3FileSystem.clear_instance_cache()
+    yield
+    S3FileSystem.clear_instance_cache()
 
 
 def _arrays(url: str) -> dict[str, np.ndarray]:
@@ -199,15 +212,16 @@ def test_cache_targets_s3_to_s3_equals_local(s3_store: str, local_store: Path) -
 
 
 def test_dask_workers_write_the_s3_store_with_storage_options(s3: S3, s3_shards: str, pico_base: Path,
-                                                              local_store: Path) -> None:
-    """Credentials as --storage-option only (none in the environment): they reach the dask workers with each task,
-    and neither the store nor the output holds the secret."""
+                                                              local_store: Path, capfd: pytest.CaptureFixture[str],
+                                                              no_credentials_in_env: None) -> None:
+    """Credentials as --storage-option only (none in the environment the workers start with): they reach the
+    dask workers with each task, and neither the store nor the output holds the secret."""
     url = s3.url("dask.zarr")
     options = ["--storage-option", f"key={s3.key}", "--storage-option", f"secret={s3.secret}",
                "--storage-option", f"endpoint_url={s3.endpoint}", "--storage-option", "client_kwargs="
                '{"region_name": "us-east-1"}']
-    proc = run_tec("cache-targets", "--shards", s3_shards, "--base-model", str(pico_base), "--out", url, *STAGE1,
-                   "--workers", "2", *options, env=_env_without_credentials(), timeout=300)
+    proc = tec_in_process(capfd, "cache-targets", "--shards", s3_shards, "--base-model", str(pico_base), "--out", url,
+                          *STAGE1, "--workers", "2", *options)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_store(url, local_store)
     assert s3.secret not in proc.stdout + proc.stderr
@@ -223,20 +237,15 @@ def test_verify_and_inspect_an_s3_store(s3_store: str, s3_shards: str, capfd: py
     assert summary["tasks_done"] == summary["tasks_total"] == 10 and summary["arrays"]["features"]["stored_bytes"] > 0
 
 
-def _pretrain(shards: str | Path, targets: str | Path, out: Path, *extra: str,
-              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """`tec pretrain` started in the background (two runs share the two cores), one loader worker."""
-    args = ["pretrain", "--targets", str(targets), "--shards", str(shards), "--out", str(out), "--epochs", "2",
-            "--limit", "192", "--batch-size", "32", "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3",
-            "--deterministic", "--log-every", "1", "--workers", "1", *extra]
-    return subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _finished(proc: subprocess.Popen[str]) -> str:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return out + err
+def _pretrain(capfd: pytest.CaptureFixture[str], shards: str | Path, targets: str | Path, out: Path,
+              *extra: str) -> str:
+    """`tec pretrain` in this process (one forked loader worker); returns its output."""
+    proc = tec_in_process(capfd, "pretrain", "--targets", str(targets), "--shards", str(shards), "--out", str(out),
+                          "--epochs", "2", "--limit", "192", "--batch-size", "32", "--blr", "1e-3",
+                          "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", "--log-every", "1",
+                          "--workers", "1", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def _losses(run: Path) -> list[list[str]]:
@@ -246,16 +255,17 @@ def _losses(run: Path) -> list[list[str]]:
 
 
 def test_pretrain_streaming_from_s3_equals_local(s3: S3, s3_store: str, s3_shards: str, local_store: Path,
-                                                 fmnist_shards: Path, tmp_path: Path) -> None:
-    """Shards and targets streamed from s3 by a loader worker, credentials from the YAML key storage_options."""
+                                                 fmnist_shards: Path, tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str], no_credentials_in_env: None
+                                                 ) -> None:
+    """Shards and targets streamed from s3 by a loader worker, credentials from the YAML key storage_options only."""
     local, remote = tmp_path / "local", tmp_path / "s3"
+    _pretrain(capfd, fmnist_shards, local_store, local)
     config = tmp_path / "s3.yaml"
     config.write_text(json.dumps({"storage_options": {"key": s3.key, "secret": s3.secret,
                                                       "endpoint_url": s3.endpoint,
                                                       "client_kwargs": {"region_name": "us-east-1"}}}))
-    runs = [_pretrain(fmnist_shards, local_store, local),
-            _pretrain(s3_shards, s3_store, remote, "--config", str(config), env=_env_without_credentials())]
-    output = [_finished(proc) for proc in runs][1]
+    output = _pretrain(capfd, s3_shards, s3_store, remote, "--config", str(config))
     assert s3.secret not in output
     assert _losses(remote) == _losses(local) and len(_losses(local)) == 13  # step for step: 2 epochs x 6 steps
     a, b = (torch.load(run / "checkpoint.pth", weights_only=True)["model"] for run in (local, remote))
