@@ -109,7 +109,8 @@ def redact(text: str) -> str:
     """`text` with every credential we know of (storage options, AWS env vars) replaced by ***."""
     secrets = [str(v) for k, v in _OPTIONS.items() if k in SECRET_KEYS and v]
     secrets += [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
-    for secret in sorted(secrets, key=len, reverse=True):
+    # a very short value (a placeholder like "x") would mask unrelated letters of the URL: real keys are 16+
+    for secret in sorted((v for v in secrets if len(v) >= 6), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 

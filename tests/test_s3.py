@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,13 @@ from tec_pipeline import storage
 from tec_pipeline.data.shards import iter_shard_fields, load_manifest
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
+from tests.conftest import (
+    SLOW_WRITER,
+    assert_one_line_error,
+    kill_half_way,
+    needs_fashion_mnist,
+    tec_in_process,
+)
 
 pytestmark = [needs_fashion_mnist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,38 +279,14 @@ def test_pretrain_streaming_from_s3_equals_local(s3: S3, s3_store: str, s3_shard
         assert not path.is_file() or s3.secret.encode() not in path.read_bytes(), path
 
 
-_SLOW_DRIVER = """
-import sys, time
-from tec_pipeline.store.target_store import TargetStore
-write = TargetStore.write_task
-def slow(self, *a, **k):
-    time.sleep(0.3)
-    return write(self, *a, **k)
-TargetStore.write_task = slow
-import cli
-cli.main(sys.argv[1:])
-"""
-
-
 def test_sigkill_then_rerun_on_s3_gives_identical_store(s3: S3, s3_shards: str, pico_base: Path,
                                                          local_store: Path) -> None:
     url = s3.url("killed.zarr")
     args = ["cache-targets", "--shards", s3_shards, "--base-model", str(pico_base), "--out", url, *STAGE1,
             "--loader-workers", "0"]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DRIVER, *args], stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "0.3", *args], stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if 0 < TargetStore.open(url).done_mask().sum():
-                break
-        except Exception:  # noqa: BLE001 - the store may not exist yet
-            pass
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = TargetStore.open(url).done_mask()
-    assert 0 < done.sum() < done.size, "the run was not killed half-way"
+    kill_half_way(proc, url)
     _stage1(s3_shards, pico_base, url)  # the rerun, in this process
     _assert_same_store(url, local_store)
 

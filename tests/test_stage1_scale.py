@@ -22,7 +22,7 @@ import zarr
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.integrity import check_integrity
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
+from tests.conftest import SLOW_WRITER, assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,32 +109,19 @@ def test_torchrun_resume_with_more_ranks_than_pending_groups(reference: Path, fm
     _assert_same_arrays(out, reference)
 
 
-_SLOW_DRIVER = """
-import sys, time
-from tec_pipeline.store.target_store import TargetStore
-write = TargetStore.write_task
-def slow(self, *a, **k):
-    time.sleep(float(sys.argv[1]))
-    return write(self, *a, **k)
-TargetStore.write_task = slow
-import cli
-cli.main(sys.argv[2:])
-"""
-
-
 @pytest.mark.parametrize("order", ["second_joins_a_running_writer", "both_create_the_new_store"])
 def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Path, pico_base: Path,
                                   tmp_path: Path) -> None:
     out = tmp_path / "shared.zarr"
     argv = _argv(fmnist_shards, pico_base, out)
     with _processes() as procs:
-        first = _start(procs, [sys.executable, "-c", _SLOW_DRIVER, "0.4", *argv])
+        first = _start(procs, [sys.executable, "-c", SLOW_WRITER, "0.4", *argv])
         if order == "second_joins_a_running_writer":
             deadline = time.time() + 120
             while time.time() < deadline and not (out / "done" / "zarr.json").exists():
                 time.sleep(0.05)
             time.sleep(1.0)  # the first writer holds claims and is writing
-        second = _start(procs, [sys.executable, "-c", _SLOW_DRIVER, "0.1", *argv])
+        second = _start(procs, [sys.executable, "-c", SLOW_WRITER, "0.1", *argv])
         results = [p.communicate(timeout=300) for p in (first, second)]
     computed = 0
     for proc, (stdout, stderr) in zip((first, second), results, strict=True):
