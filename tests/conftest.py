@@ -145,9 +145,10 @@ cli.main(sys.argv[2:])
 """
 
 
-def kill_half_way(proc: subprocess.Popen, store: str, timeout: float = 120) -> np.ndarray:
+def kill_half_way(proc: subprocess.Popen, store: str, timeout: float = 120, poll_s: float = 0.05) -> np.ndarray:
     """SIGKILL the process group of `proc` (started with start_new_session) as soon as the store at `store`
-    has a finished task; returns the store's done mask [V, T] after the kill, asserted to be partial."""
+    has a finished task; returns the store's done mask [V, T] after the kill, asserted to be partial.
+    poll_s: seconds between looks (over a network each look is a dozen requests that compete with the run)."""
     import signal
     import time
 
@@ -160,7 +161,7 @@ def kill_half_way(proc: subprocess.Popen, store: str, timeout: float = 120) -> n
                 break
         except Exception:  # noqa: BLE001 - the store may not exist yet
             pass
-        time.sleep(0.05)
+        time.sleep(poll_s)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = TargetStore.open(store).done_mask()

@@ -286,7 +286,7 @@ def test_sigkill_then_rerun_on_s3_gives_identical_store(s3: S3, s3_shards: str, 
             "--loader-workers", "0"]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "0.3", *args], stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    kill_half_way(proc, url)
+    kill_half_way(proc, url, poll_s=0.5)  # 0.3 s per task: a look every 0.5 s still finds it half-way
     _stage1(s3_shards, pico_base, url)  # the rerun, in this process
     _assert_same_store(url, local_store)
 
