@@ -8,6 +8,7 @@ from tec_pipeline.config import config_option, from_options, option_factory
 from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 from tec_pipeline.stage1 import CacheConfig, cache_targets
+from tec_pipeline.storage import storage_options_option
 from tec_pipeline.store.codecs import CODECS
 from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
 
@@ -16,7 +17,8 @@ option = option_factory(CacheConfig)
 
 @click.command("cache-targets")
 @config_option
-@option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
+@storage_options_option
+@option("--shards", required=True, type=click.Path(), help="Shard directory or URL (s3://bucket/prefix) with manifest.json.")
 @option("--base-model", required=True, help="Base-model checkpoint (MAE, iBOT/DINO, DINOv2 hub, timm, timm HF folder, safetensors, ours).")
 @option("--out", required=True, help="Store path or fsspec URL (e.g. store.zarr, file:///..., memory://x).")
 @option("--base-arch", help="Architecture when the checkpoint records none: a preset or any timm "

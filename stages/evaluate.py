@@ -17,6 +17,7 @@ from tec_pipeline.eval.frozen import FrozenEvalConfig, evaluate_frozen
 from tec_pipeline.eval.report import evaluation_record, write_json
 from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
+from tec_pipeline.storage import storage_options_option
 
 frozen_option = option_factory(FrozenEvalConfig)
 finetune_option = option_factory(FinetuneConfig)
@@ -27,12 +28,13 @@ def common_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., An
     option = option_factory(cls)
     options = (
         config_option,
+        storage_options_option,
         option("--checkpoint", required=True, help="Encoder checkpoint (ours, MAE release, iBOT/DINO, DINOv2 hub, "
                "timm, timm HF folder, safetensors)."),
         option("--arch", help="Architecture (preset or timm ViT name) when the checkpoint records none."),
         option("--input-size", type=int, help="Run the encoder at this size (default: its own)."),
-        option("--train-shards", required=True, type=click.Path(), help="Labelled training shards."),
-        option("--test-shards", required=True, type=click.Path(), help="Labelled test shards."),
+        option("--train-shards", required=True, type=click.Path(), help="Labelled training shards (directory or URL)."),
+        option("--test-shards", required=True, type=click.Path(), help="Labelled test shards (directory or URL)."),
         option("--json", "json", type=click.Path(dir_okay=False), help="Write the results here."),
         option("--limit-train", type=int, help="Only the first N training images."),
         option("--limit-test", type=int, help="Only the first N test images."),

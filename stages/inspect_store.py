@@ -8,7 +8,9 @@ import sys
 import click
 
 from tec_pipeline.config import config_option
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.storage import storage_options_option
+from tec_pipeline.store.integrity import describe
+from tec_pipeline.store.target_store import TargetStore
 from tec_pipeline.store.verify import verify_store
 
 
@@ -38,18 +40,20 @@ def _summary_lines(d: dict) -> list[str]:
 
 @click.command("inspect")
 @config_option
+@storage_options_option
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def command(store: str, as_json: bool) -> None:
     """Summarise a target store: views, rows, completeness, bytes per view, codec, base model, data."""
-    description = TargetStore.open(store).describe()
+    description = describe(TargetStore.open(store))
     click.echo(json.dumps(description, indent=1, default=str) if as_json else "\n".join(_summary_lines(description)))
 
 
 @click.command("verify")
 @config_option
+@storage_options_option
 @click.argument("store")
-@click.option("--shards", required=True, type=click.Path(), help="The shards the store should belong to.")
+@click.option("--shards", required=True, type=click.Path(), help="The shards (directory or URL) the store should belong to.")
 @click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
               help="Recompute N random rows with the base model and compare.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Which rows --recompute picks.")

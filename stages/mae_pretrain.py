@@ -6,6 +6,7 @@ import click
 
 from stages.common import final_loss, run_dir_options
 from tec_pipeline.config import config_option, from_options, option_factory
+from tec_pipeline.storage import storage_options_option
 from tec_pipeline.train.distributed import init_distributed, is_main_process
 from tec_pipeline.train.mae_pretrain import MAEPretrainConfig, pretrain_mae
 
@@ -14,7 +15,8 @@ option = option_factory(MAEPretrainConfig)
 
 @click.command("mae-pretrain")
 @config_option
-@option("--shards", required=True, type=click.Path(), help="Shard directory with manifest.json.")
+@storage_options_option
+@option("--shards", required=True, type=click.Path(), help="Shard directory or URL (s3://bucket/prefix) with manifest.json.")
 @option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics).")
 @option("--model", help="Encoder architecture preset.")
 @option("--epochs", type=int)

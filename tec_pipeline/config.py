@@ -39,6 +39,10 @@ def _load_yaml_defaults(ctx: click.Context, _param: click.Parameter, value: str 
     unknown = sorted(set(normalised) - known)
     if unknown:
         raise click.BadParameter(f"unknown keys in {value}: {', '.join(unknown)}", param_hint="--config")
+    # a mapping for a repeatable option (`storage_options: {endpoint_url: ...}`) becomes its [key, value] pairs
+    repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+    normalised = {k: [list(kv) for kv in v.items()] if k in repeatable and isinstance(v, dict) else v
+                  for k, v in normalised.items()}
     ctx.default_map = {**(ctx.default_map or {}), **normalised}
     return value
 

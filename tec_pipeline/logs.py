@@ -15,7 +15,7 @@ import sys
 
 # Libraries whose INFO/DEBUG lines drown our own; they still report warnings and errors.
 QUIET_LIBRARIES = ("PIL", "distributed", "asyncio", "fsspec", "urllib3", "matplotlib", "numcodecs", "zarr",
-                   "torch.distributed", "tornado", "bokeh")
+                   "torch.distributed", "tornado", "bokeh", "botocore", "aiobotocore", "boto3", "s3fs")
 
 
 def process_rank() -> int:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tec_pipeline.errors import UserError
+from tec_pipeline.storage import is_url, local_path
 
 # errnos of "the destination cannot take this write"; anything else is a bug and keeps its traceback
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG})
@@ -22,13 +23,11 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, 
 
 def is_local(path: str | os.PathLike[str]) -> bool:
     """A local path or file:// URL (fsspec URLs such as memory:// or s3:// are checked by their own writes)."""
-    text = os.fspath(path)
-    return text.startswith("file://") or "://" not in text
+    return not is_url(path)
 
 
 def _local(path: str | os.PathLike[str]) -> Path:
-    text = os.fspath(path)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
+    return Path(local_path(path))
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -128,3 +128,42 @@ def cache_targets_argv(shards: Path, base: Path, out: Path, settings: dict[str, 
     """`tec cache-targets` argv with `settings` (CacheConfig field names) as flags."""
     return ["cache-targets", "--shards", str(shards), "--base-model", str(base), "--out", str(out),
             *[x for key, value in settings.items() for x in (f"--{key.replace('_', '-')}", str(value))]]
+
+
+# `python -c SLOW_WRITER SECONDS ARGS...`: `tec ARGS` whose every task write first sleeps SECONDS, so that a test
+# can act (kill it, start a second writer) while it is half-way
+SLOW_WRITER = """
+import sys, time
+from tec_pipeline.store.target_store import TargetStore
+write = TargetStore.write_task
+def slow(self, *a, **k):
+    time.sleep(float(sys.argv[1]))
+    return write(self, *a, **k)
+TargetStore.write_task = slow
+import cli
+cli.main(sys.argv[2:])
+"""
+
+
+def kill_half_way(proc: subprocess.Popen, store: str, timeout: float = 120, poll_s: float = 0.05) -> np.ndarray:
+    """SIGKILL the process group of `proc` (started with start_new_session) as soon as the store at `store`
+    has a finished task; returns the store's done mask [V, T] after the kill, asserted to be partial.
+    poll_s: seconds between looks (over a network each look is a dozen requests that compete with the run)."""
+    import signal
+    import time
+
+    from tec_pipeline.store.target_store import TargetStore
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if TargetStore.open(store).done_mask().any():
+                break
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            pass
+        time.sleep(poll_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = TargetStore.open(store).done_mask()
+    assert 0 < done.sum() < done.size, "the run was not killed half-way"
+    return done

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +16,15 @@ from tec_pipeline.data.views import ViewBox, replay_view
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, run_tec, tec_in_process
+from tec_pipeline.store.target_store import TargetStore
+from tests.conftest import (
+    SLOW_WRITER,
+    assert_one_line_error,
+    kill_half_way,
+    needs_fashion_mnist,
+    run_tec,
+    tec_in_process,
+)
 
 pytestmark = needs_fashion_mnist
 ARRAYS = ("features", "attention", "topk_index", "boxes", "valid", "done")
@@ -107,19 +111,9 @@ def test_sigkill_then_rerun_gives_identical_store(fp32_store: Path, fmnist_shard
     args = ["cache-targets", "--shards", str(fmnist_shards), "--base-model", str(pico_base), "--out", str(out),
             "--views", "2", "--topk", "4", "--chunk-rows", "64", "--batch-size", "32", "--codec", "fp32",
             "--loader-workers", "0"]
-    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", *args], stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if 0 < TargetStore.open(str(out)).done_mask().sum() < 10:
-                break
-        except Exception:  # noqa: BLE001 - the store may not exist yet
-            pass
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not TargetStore.open(str(out)).done_mask().all(), "the run finished before it could be killed"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "0.2", *args], stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # slowed: on a busy machine it could finish before the kill
+    kill_half_way(proc, str(out))
     run_tec(*args, check=True)
     ours, reference = _arrays(out), _arrays(fp32_store)
     for name in ARRAYS:

@@ -76,6 +76,11 @@ def _cases(shards: str, ckpt: str, missing: str, out: str) -> dict[str, dict[str
             "nonexistent path": ["knn", *frozen[:2], "--train-shards", missing, "--test-shards", shards],
             "invalid value": ["knn", *frozen, "--k", "0"],
         },
+        "frozen-eval": {
+            "missing argument": ["frozen-eval", "--checkpoint", ckpt, "--test-shards", shards],
+            "nonexistent path": ["frozen-eval", *frozen[:2], "--train-shards", shards, "--test-shards", missing],
+            "invalid value": ["frozen-eval", *frozen, "--temperature", "0"],
+        },
         "finetune": {
             "missing argument": ["finetune", *frozen],
             "nonexistent path": ["finetune", "--checkpoint", missing, *frozen[2:], "--out", out],

@@ -17,7 +17,7 @@ from zarr.storage import LocalStore
 import tec_pipeline.outputs as outputs
 from tec_pipeline.errors import UserError
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import assert_one_line_error, cache_targets_argv, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist

@@ -156,7 +156,7 @@ def test_rows_wait_in_compact_form_at_most_a_shuffle_buffer(fmnist_shards: Path)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_batches_stream_every_epoch_from_one_loader(fmnist_shards: Path, workers: int,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from tec_pipeline.data import epochs
+    from tec_pipeline.stage2 import epochs
 
     made = []
     monkeypatch.setattr(epochs, "make_loader", lambda *a: made.append(a) or make_loader(*a))

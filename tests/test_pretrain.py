@@ -15,14 +15,14 @@ import pytest
 import torch
 import zarr
 
-from tec_pipeline.data.cached import CachedViews
 from tec_pipeline.data.loader import FreshViews, normalized, stream_epoch
 from tec_pipeline.data.shards import load_manifest
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
 from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.stage2.cached import CachedViews
+from tec_pipeline.store.target_store import TargetStore
 from tec_pipeline.train.pretrain import store_mismatches
 from tests.conftest import (
     assert_one_line_error,

@@ -30,7 +30,8 @@ from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.writing import write_shards
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.stage1.cluster import run_group
-from tec_pipeline.store.layout import TargetStore, Task
+from tec_pipeline.store.layout import Task
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import cache_targets_argv, needs_fashion_mnist, run_tec
 
 pytestmark = needs_fashion_mnist
@@ -156,13 +157,13 @@ def test_cache_targets_sigkilled_at_three_random_points_then_rerun_is_identical(
     _assert_same_store(out, reference_store)
 
 
-def _logged_group(cfg: CacheConfig, tasks: list[Task]) -> int:
+def _logged_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict) -> int:
     """`run_group` on a dask worker, slowed and logged to tasks.log beside the store so a test can kill it."""
     log = Path(cfg.out).with_name("tasks.log")
     with open(log, "a") as f:
         f.write(f"start {tasks[0].index} {os.getpid()}\n")
     time.sleep(0.3)
-    rows = run_group(cfg, tasks)
+    rows = run_group(cfg, tasks, storage_options)
     with open(log, "a") as f:
         f.write(f"end {tasks[0].index} {os.getpid()}\n")
     return rows

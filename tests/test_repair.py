@@ -11,8 +11,8 @@ import pytest
 import zarr
 
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.integrity import damaged_tasks
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.integrity import check_integrity, damaged_tasks
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
@@ -75,7 +75,7 @@ def test_repair_recomputes_exactly_the_damaged_tasks(reference_store: Path, fmni
     assert dict(ours.attrs) == dict(reference.attrs)
     for name in reference.array_keys():
         assert np.array_equal(ours[name][...], reference[name][...]), name
-    assert TargetStore.open(store).check_integrity() == []
+    assert check_integrity(TargetStore.open(store)) == []
     assert tec_in_process(capfd, *verify).returncode == 0
     again = tec_in_process(capfd, *argv, "--repair")
     assert "repair: 0 damaged task(s) to recompute" in again.stdout and "0 of 10 tasks computed" in again.stdout

@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist

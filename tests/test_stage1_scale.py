@@ -20,8 +20,9 @@ import pytest
 import zarr
 
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.store.layout import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
+from tec_pipeline.store.integrity import check_integrity
+from tec_pipeline.store.target_store import TargetStore
+from tests.conftest import SLOW_WRITER, assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,19 +111,6 @@ def test_torchrun_resume_with_more_ranks_than_pending_groups(reference: Path, fm
     _assert_same_arrays(out, reference)
 
 
-_SLOW_DRIVER = """
-import sys, time
-from tec_pipeline.store.layout import TargetStore
-write = TargetStore.write_task
-def slow(self, *a, **k):
-    time.sleep(float(sys.argv[1]))
-    return write(self, *a, **k)
-TargetStore.write_task = slow
-import cli
-cli.main(sys.argv[2:])
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("order", ["second_joins_a_running_writer", "both_create_the_new_store"])
 def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Path, pico_base: Path,
@@ -130,13 +118,13 @@ def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Pa
     out = tmp_path / "shared.zarr"
     argv = _argv(fmnist_shards, pico_base, out)
     with _processes() as procs:
-        first = _start(procs, [sys.executable, "-c", _SLOW_DRIVER, "0.4", *argv])
+        first = _start(procs, [sys.executable, "-c", SLOW_WRITER, "0.4", *argv])
         if order == "second_joins_a_running_writer":
             deadline = time.time() + 120
             while time.time() < deadline and not (out / "done" / "zarr.json").exists():
                 time.sleep(0.05)
             time.sleep(1.0)  # the first writer holds claims and is writing
-        second = _start(procs, [sys.executable, "-c", _SLOW_DRIVER, "0.1", *argv])
+        second = _start(procs, [sys.executable, "-c", SLOW_WRITER, "0.1", *argv])
         results = [p.communicate(timeout=300) for p in (first, second)]
     computed = 0
     for proc, (stdout, stderr) in zip((first, second), results, strict=True):
@@ -145,7 +133,7 @@ def test_two_writers_on_one_store(order: str, reference: Path, fmnist_shards: Pa
         computed += int(next(ln for ln in stdout.splitlines() if "tasks computed" in ln).split()[0])
     assert computed == 10  # every task written by exactly one of the two writers
     store = TargetStore.open(out)
-    assert store.done_mask().all() and not store.check_integrity()
+    assert store.done_mask().all() and not check_integrity(store)
     _assert_same_arrays(out, reference)
     assert not list(out.rglob("*.partial")) and not out.with_name("shared.zarr.claims").exists()
 

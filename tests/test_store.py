@@ -11,7 +11,9 @@ import pytest
 import zarr
 
 from tec_pipeline.errors import UserError
-from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
+from tec_pipeline.store.integrity import check_integrity, describe
+from tec_pipeline.store.layout import StoreSpec, Task
+from tec_pipeline.store.target_store import TargetStore
 
 L, D, H, K = 4, 8, 2, 3
 ATTRS = {"base_model": {"sha256": "abc", "input_size": 16}, "seed": 0, "package_version": "0.1.0"}
@@ -143,7 +145,7 @@ def test_task_of_only_undecodable_images_is_stored(tmp_path: Path) -> None:
     for task in store.tasks():
         rows = _rows(task)
         store.write_task(task, **{**rows, "valid": np.zeros(task.rows, bool) if task.index == 2 else rows["valid"]})
-    assert store.check_integrity() == []
+    assert check_integrity(store) == []
     got = store.read_rows(0, 8, 10)
     assert not got["valid"].any() and not got["features"].any() and not got["boxes"].any()
 
@@ -193,7 +195,7 @@ def test_opening_something_that_is_not_a_store(tmp_path: Path) -> None:
 
 
 def test_integrity_of_a_complete_store_is_clean(tmp_path: Path) -> None:
-    assert _filled(str(tmp_path / "s.zarr"), codec="int8").check_integrity() == []
+    assert check_integrity(_filled(str(tmp_path / "s.zarr"), codec="int8")) == []
 
 
 @pytest.mark.parametrize("damage", ["task not done", "chunk deleted", "chunk corrupted"])
@@ -211,7 +213,7 @@ def test_integrity_names_the_damage(tmp_path: Path, damage: str) -> None:
     else:
         chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))
         expected = "attention: chunk of view 1 task 2 (rows 8-10) does not decode"
-    reasons = TargetStore.open(root).check_integrity()
+    reasons = check_integrity(TargetStore.open(root))
     assert len(reasons) == 1 and reasons[0].startswith(expected), reasons
 
 
@@ -219,7 +221,7 @@ def test_describe_reports_progress_and_sizes(tmp_path: Path) -> None:
     store = TargetStore.create_or_resume(tmp_path / "s.zarr", _spec("fp16"), ATTRS)
     for task in store.tasks()[3:]:  # all of view 1
         store.write_task(task, **_rows(task))
-    info = store.describe()
+    info = describe(store)
     assert (info["tasks_done"], info["tasks_total"], info["rows_done"], info["invalid_rows"]) == (3, 6, 10, 1)
     features = info["arrays"]["features"]
     # fp16 is stored raw: 3 chunks of 4 rows (the ragged one padded) + a 4-byte CRC each
@@ -274,7 +276,7 @@ def test_concurrent_writers_in_two_processes(tmp_path: Path) -> None:
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0]
     reopened = TargetStore.open(tmp_path / "s.zarr")
-    assert reopened.done_mask().all() and reopened.check_integrity() == []
+    assert reopened.done_mask().all() and check_integrity(reopened) == []
     for task in tasks:
         got = reopened.read_rows(task.view, task.row_start, task.row_stop)
         np.testing.assert_array_equal(got["boxes"], _rows(task)["boxes"] * _rows(task)["valid"][:, None])

@@ -16,7 +16,7 @@ from timm.models import save_for_hf
 
 from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.views import ViewBox, normalize, replay_view_uint8
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 from tests.timm_bases import TINY_DINOV2, dynamic_twin, random_timm, reference_targets, save_dinov2_hub
 

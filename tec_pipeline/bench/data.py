@@ -24,7 +24,8 @@ from tec_pipeline.data.views import sample_view, view_constants
 from tec_pipeline.data.writing import write_shards
 from tec_pipeline.models.vit import build_vit, resolve_arch
 from tec_pipeline.stage1 import CacheConfig
-from tec_pipeline.store.layout import StoreSpec, TargetStore
+from tec_pipeline.store.layout import StoreSpec
+from tec_pipeline.store.target_store import TargetStore
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256

@@ -28,7 +28,8 @@ from tec_pipeline.stage1.compute import compute_task
 from tec_pipeline.stage1.config import autocast, resolve_amp
 from tec_pipeline.stage1.decode import decode_task
 from tec_pipeline.stage1.plan import store_attributes
-from tec_pipeline.store.layout import StoreSpec, TargetStore, Task
+from tec_pipeline.store.layout import StoreSpec, Task
+from tec_pipeline.store.target_store import TargetStore
 
 
 def stage1_autocast(device: torch.device) -> Any:

@@ -30,7 +30,8 @@ from tec_pipeline.bench.data import BenchData
 from tec_pipeline.bench.presets import BenchPreset
 from tec_pipeline.bench.timing import interleaved, synchronize
 from tec_pipeline.data.loader import steps_per_epoch
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.integrity import describe
+from tec_pipeline.store.target_store import TargetStore
 from tec_pipeline.train import pretrain
 
 
@@ -128,7 +129,7 @@ def pretrain_run(data: BenchData, preset: BenchPreset, device: str, out: Path, s
 
 def target_bytes_per_view(store: Path) -> float:
     """Stored (compressed) bytes the loader reads per image-view: every per-row array of the store."""
-    arrays = TargetStore.open(str(store)).describe()["arrays"]
+    arrays = describe(TargetStore.open(str(store)))["arrays"]
     return float(sum(a["stored_bytes_per_image_view"] for name, a in arrays.items() if name != "done"))
 
 

@@ -26,10 +26,10 @@ from tec_pipeline.bench.child import own_peak_rss_mb
 from tec_pipeline.bench.data import VIT_B_TARGETS, write_photo_shards, write_synthetic_store
 from tec_pipeline.bench.presets import BenchPreset
 from tec_pipeline.bench.timing import interleaved
-from tec_pipeline.data.cached import CachedViews
 from tec_pipeline.data.loader import EpochStream, make_loader, normalized, plan_epoch
 from tec_pipeline.data.shards import load_manifest
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.stage2.cached import CachedViews
+from tec_pipeline.store.target_store import TargetStore
 
 COMMAND = "from tec_pipeline.bench.workers import main; main()"
 

@@ -214,7 +214,7 @@ def _emit(item_fn: ItemFn, sample: Sample, stored: Any, compact: bool) -> dict[s
     return item_fn(sample, stored) if compact else item_fn(sample)
 
 
-def iter_unit_batches(shards_dir: Path, plan: UnitPlan, skip: int, item_fn: ItemFn) -> Iterator[dict[str, Any]]:
+def iter_unit_batches(shards_dir: str | Path, plan: UnitPlan, skip: int, item_fn: ItemFn) -> Iterator[dict[str, Any]]:
     """Stream the unit's segments sequentially and emit its batches (from index `skip`) in plan order.
 
     Rows wait in `pending` as read (encoded fields + `item_fn.stored(row)`), at most about a shuffle buffer's
@@ -267,7 +267,7 @@ class EpochStream(IterableDataset):
     """
 
     def __init__(self, shards_dir: str | Path, plans: list[UnitPlan], start_batch: int, item_fn: ItemFn) -> None:
-        self.shards_dir, self.plans, self.item_fn = Path(shards_dir), plans, item_fn
+        self.shards_dir, self.plans, self.item_fn = shards_dir, plans, item_fn  # a URL stays a string
         self.skips = skipped_per_worker(start_batch, len(plans))
         self.rotation = start_batch % len(plans)
 

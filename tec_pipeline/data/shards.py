@@ -3,6 +3,7 @@
 Shards are plain tars named `{split}-{index:06d}.tar`; a sample is `KEY.<jpg|png|...>` plus optional `KEY.cls`.
 `manifest.json` lists each shard's name, count, sha256 and first row. A sample's *row* is its shard's first
 row plus its position in the shard: rows join shards, views and targets, so shards are never reordered.
+A shard directory is a local path or an fsspec URL (storage.py): tars are read and written as streams.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import IO
 
 from PIL import Image
 
+from tec_pipeline import storage
 from tec_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class Sample:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -88,23 +90,31 @@ def make_manifest(entries: list[tuple[str, int, str]], class_names: list[str], s
     return Manifest(tuple(shards), tuple(class_names), source, split, fingerprint(shards))
 
 
-def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1))
-    os.replace(tmp, path)
+def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> str:
+    path = storage.join(directory, MANIFEST)
+    storage.write_bytes(path, json.dumps(manifest.to_json(), indent=1).encode())
     return path
 
 
-def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
-    """The manifest of a shard directory; UserError when missing or malformed."""
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
+def _require_shard_dir(directory: str, flag: str) -> None:
+    """UserError unless `directory` is an existing local directory or a usable URL (storage.check_location)."""
+    storage.check_location(directory, flag)
+    if not storage.is_url(directory) and not os.path.isdir(storage.local_path(directory)):
         raise UserError(f"shard directory not found: {directory}")
-    if not path.is_file():
-        raise UserError(f"no {MANIFEST} in {directory}; run `tec make-shards` or `tec index-shards {directory}`")
+
+
+def load_manifest(directory: str | os.PathLike[str], flag: str = "--shards") -> Manifest:
+    """The manifest of a shard directory (path or URL); UserError when missing or malformed."""
+    directory = os.fspath(directory)
+    path = storage.join(directory, MANIFEST)
+    _require_shard_dir(directory, flag)
     try:
-        data = json.loads(path.read_text())
+        text = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise UserError(f"no {MANIFEST} in {directory}; run `tec make-shards` or `tec index-shards {directory}`"
+                        ) from None
+    try:
+        data = json.loads(text)
         shards = tuple(ShardInfo(**s) for s in data["shards"])
         return Manifest(shards, tuple(data.get("class_names", ())), data.get("source", ""), data.get("split", ""),
                         data["fingerprint"], tuple(data.get("skipped", ())))
@@ -112,29 +122,49 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise UserError(f"{path} is not a valid manifest ({e.__class__.__name__}: {e})") from None
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through (tarfile needs only write and tell), so a shard's
+    sha256 costs no second read, which on object storage would be a second download."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out, self.sha256, self.position = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.position += len(data)
+        return self.out.write(data)
+
+    def tell(self) -> int:
+        return self.position
+
+
 class ShardWriter:
     """Writes samples into size-limited tars with reproducible bytes (fixed mtime/owner), then the manifest."""
 
-    def __init__(self, directory: Path, split: str, shard_size: int) -> None:
-        self.directory, self.split, self.shard_size = directory, split, shard_size
+    def __init__(self, directory: str | os.PathLike[str], split: str, shard_size: int) -> None:
+        self.directory, self.split, self.shard_size = os.fspath(directory), split, shard_size
         self.entries: list[tuple[str, int, str]] = []
         self._tar: tarfile.TarFile | None = None
+        self._file: IO[bytes] | None = None
+        self._hash: _HashingWriter | None = None
         self._count = 0
 
     def _close_shard(self) -> None:
-        if self._tar is None:
+        if self._tar is None or self._file is None or self._hash is None:
             return
         self._tar.close()
-        name = self._current_name()
-        self.entries.append((name, self._count, file_sha256(self.directory / name)))
-        self._tar, self._count = None, 0
+        self._file.close()  # an object appears (its last part is uploaded) only now
+        self.entries.append((self._current_name(), self._count, self._hash.sha256.hexdigest()))
+        self._tar, self._file, self._hash, self._count = None, None, None, 0
 
     def _current_name(self) -> str:
         return f"{self.split}-{len(self.entries):06d}.tar"
 
     def write(self, key: str, image_bytes: bytes, ext: str, label: int | None) -> None:
         if self._tar is None:
-            self._tar = tarfile.open(self.directory / self._current_name(), "w", format=tarfile.USTAR_FORMAT)
+            self._file = storage.open_output(storage.join(self.directory, self._current_name()))
+            self._hash = _HashingWriter(self._file)
+            self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
         members = [(f"{key}.{ext}", image_bytes)]
         if label is not None:
             members.append((f"{key}.cls", str(label).encode()))
@@ -174,13 +204,13 @@ def _has_image(members: list[tarfile.TarInfo]) -> bool:
     return any(_split_member(m.name)[1] in IMAGE_EXTS for m in members)
 
 
-def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None, skipped: list[str] | None = None
-                     ) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+def iter_tar_samples(path: str | os.PathLike[str], wanted: Callable[[int], bool] | None = None,
+                     skipped: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes] | None]]:
     """(key, {ext: bytes}) per sample in tar order, grouping consecutive members by key.
 
-    The tar is opened seekable, so samples whose index (position in the shard) is not `wanted` are skipped
-    without reading their data (fields None). A sample with no image member (say a stray KEY.txt) is not a
-    sample: it takes no row, and is named in `skipped` ("shard.tar:KEY (member, ...)") when a list is given. A
+    The tar (a path or URL) is read front to back, seekable, so samples whose index (position in the shard) is
+    not `wanted` are skipped without reading their data (fields None); over a URL, without fetching the blocks
+    they fill. A sample with no image member (say a stray KEY.txt) is not a sample: it takes no row, and is named in `skipped` ("shard.tar:KEY (member, ...)") when a list is given. A
     truncated or damaged tar ends quietly after its last complete sample: the partial sample is dropped because
     its data cannot be trusted.
     """
@@ -188,11 +218,12 @@ def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None, sk
         if _has_image(members):
             return key, _read_members(tar, members, wanted is None or wanted(index))
         if skipped is not None:
-            skipped.append(f"{path.name}:{key} ({', '.join(m.name for m in members)})")
+            skipped.append(f"{name}:{key} ({', '.join(m.name for m in members)})")
         return None
 
+    name = storage.basename(path)
     try:
-        with tarfile.open(path, "r:") as tar:
+        with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             key, members, index = None, [], 0
             for member in tar:
                 if not member.isfile():
@@ -208,7 +239,7 @@ def iter_tar_samples(path: Path, wanted: Callable[[int], bool] | None = None, sk
             if key is not None and (sample := close(key, members, index)) is not None:
                 yield sample
     except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("shard %s is damaged: %s", path.name, e)
+        log.warning("shard %s is damaged: %s", name, e)
 
 
 def _read_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], read: bool) -> dict[str, bytes] | None:
@@ -224,7 +255,7 @@ def _read_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], read: bo
     return fields
 
 
-def count_tar_samples(path: Path, skipped: list[str] | None = None) -> int:
+def count_tar_samples(path: str | os.PathLike[str], skipped: list[str] | None = None) -> int:
     """Samples (with an image) in the tar; those without one are appended to `skipped`."""
     return sum(1 for _ in iter_tar_samples(path, wanted=lambda _: False, skipped=skipped))
 
@@ -241,8 +272,8 @@ def decode_fields(row: int, key: str | None, fields: dict[str, bytes] | None) ->
     return Sample(row, key, None, None) if fields is None or key is None else _to_sample(row, key, fields)
 
 
-def iter_shard_fields(directory: Path, shard: ShardInfo, start: int, stop: int, wanted: set[int] | None = None
-                      ) -> Iterator[tuple[int, str | None, dict[str, bytes] | None]]:
+def iter_shard_fields(directory: str | os.PathLike[str], shard: ShardInfo, start: int, stop: int,
+                      wanted: set[int] | None = None) -> Iterator[tuple[int, str | None, dict[str, bytes] | None]]:
     """(row, key, encoded fields) of rows [start, stop) of one shard, in order, nothing decoded.
 
     Rows not in `wanted` (when given) come without their data (fields None); a missing tail (truncated tar)
@@ -254,7 +285,7 @@ def iter_shard_fields(directory: Path, shard: ShardInfo, start: int, stop: int, 
         return start <= first + index < end and (wanted is None or first + index in wanted)
 
     row = first
-    for key, fields in iter_tar_samples(directory / shard.name, read):
+    for key, fields in iter_tar_samples(storage.join(directory, shard.name), read):
         if row >= end:
             return
         if row >= start:
@@ -264,7 +295,7 @@ def iter_shard_fields(directory: Path, shard: ShardInfo, start: int, stop: int, 
         yield missing, None, None
 
 
-def iter_shard_rows(directory: Path, shard: ShardInfo, start: int, stop: int,
+def iter_shard_rows(directory: str | os.PathLike[str], shard: ShardInfo, start: int, stop: int,
                     wanted: set[int] | None = None) -> Iterator[Sample]:
     """Samples of rows [start, stop) of one shard, in order; a missing tail (truncated tar) yields image=None.
 
@@ -277,7 +308,6 @@ def iter_shard_rows(directory: Path, shard: ShardInfo, start: int, stop: int,
 def iter_samples(directory: str | os.PathLike[str], start_row: int = 0, stop_row: int | None = None,
                  manifest: Manifest | None = None) -> Iterator[Sample]:
     """Samples in manifest (row) order from `start_row` (inclusive) to `stop_row` (exclusive)."""
-    directory = Path(directory)
     manifest = manifest or load_manifest(directory)
     stop_row = manifest.total_rows if stop_row is None else stop_row
     for shard in manifest.shards:
@@ -287,16 +317,17 @@ def iter_samples(directory: str | os.PathLike[str], start_row: int = 0, stop_row
 
 
 def index_shards(directory: str | os.PathLike[str], class_names: list[str] | None = None) -> Manifest:
-    """A manifest for existing WebDataset shards (*.tar in name order): counts by reading, sha256 by hashing."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"shard directory not found: {directory}")
-    tars = sorted(p for p in directory.iterdir() if p.suffix == ".tar" and p.is_file())
+    """A manifest for existing WebDataset shards (*.tar in name order; a path or URL): counts by reading,
+    sha256 by hashing."""
+    directory = os.fspath(directory)
+    _require_shard_dir(directory, "DIRECTORY")
+    tars = storage.list_files(directory, ".tar")
     if not tars:
         raise UserError(f"no .tar shards in {directory}")
     skipped: list[str] = []
-    entries = [(p.name, count_tar_samples(p, skipped), file_sha256(p)) for p in tars]
-    split = tars[0].name.rsplit("-", 1)[0] if "-" in tars[0].name else ""
+    entries = [(name, count_tar_samples(path := storage.join(directory, name), skipped), file_sha256(path))
+               for name in tars]
+    split = tars[0].rsplit("-", 1)[0] if "-" in tars[0] else ""
     if skipped:
         log.warning("%d tar sample(s) without an image skipped (no row, listed in the manifest): %s",
                     len(skipped), "; ".join(skipped[:10]) + ("; ..." if len(skipped) > 10 else ""))

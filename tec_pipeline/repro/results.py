@@ -77,11 +77,12 @@ def _seconds(root: Path, steps: list[str], kind: str = "wall") -> float | None:
 
 
 def _store_summary(root: Path) -> dict[str, Any] | None:
-    from tec_pipeline.store.layout import TargetStore
+    from tec_pipeline.store.integrity import describe
+    from tec_pipeline.store.target_store import TargetStore
 
     if not (root / "targets.zarr" / "zarr.json").is_file():
         return None
-    d = TargetStore.open(str(root / "targets.zarr")).describe()
+    d = describe(TargetStore.open(str(root / "targets.zarr")))
     spec = d["spec"]
     fp16 = spec["patches"] * spec["dim"] * 2 + (1 + spec["k"]) * spec["heads"] * spec["patches"] * 2
     return {"stored_bytes": d["stored_bytes"], "per_view": d["stored_bytes_per_image_view"], "raw_fp16_per_view": fp16,

@@ -45,7 +45,7 @@ def _runs(root: Path, pattern: str) -> dict[str, re.Match[str]]:
 
 def store_bytes_per_view(root: Path, codec: str) -> dict[str, Any] | None:
     from tec_pipeline.store.integrity import describe
-    from tec_pipeline.store.layout import TargetStore
+    from tec_pipeline.store.target_store import TargetStore
 
     path = root / f"store-{codec}.zarr"
     if not (path / "zarr.json").is_file():

@@ -52,7 +52,7 @@ def _worker_resources(cfg: CacheConfig) -> tuple[Any, ...]:
     from tec_pipeline.devices import resolve_device
     from tec_pipeline.models.base import load_encoder
     from tec_pipeline.store.claims import ClaimBook, local_root
-    from tec_pipeline.store.layout import TargetStore
+    from tec_pipeline.store.target_store import TargetStore
 
     key = (cfg.base_model, cfg.base_arch, cfg.input_size, cfg.shards, cfg.out, cfg.device)
     with _WORKER_LOCK:  # a worker with several threads loads the model once
@@ -78,11 +78,16 @@ def _claim(claims: Any, store: Any, tasks: list[Task]) -> list[Task]:
         time.sleep(HEARTBEAT_S)
 
 
-def run_group(cfg: CacheConfig, tasks: list[Task]) -> tuple[int, int]:
-    """Compute and write one chunk group on a dask worker; returns (images, tasks) written."""
+def run_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict[str, Any]) -> tuple[int, int]:
+    """Compute and write one chunk group on a dask worker; returns (images, tasks) written.
+
+    storage_options: the client's (storage.py); they travel with the task, never in `cfg`, which is recorded.
+    """
+    from tec_pipeline import storage
     from tec_pipeline.stage1.compute import compute_task
     from tec_pipeline.stage1.decode import decode_tasks
 
+    storage.use(storage_options)
     model, device, manifest, store, claims = _worker_resources(cfg)
     tasks = _claim(claims, store, tasks)
     if not tasks:
@@ -137,7 +142,10 @@ def run_on_dask(client: Any, cfg: CacheConfig, groups: list[list[Task]], progres
     cfg = absolute(cfg)
     workers = client.scheduler_info()["workers"].values()
     resources = {"GPU": 1} if workers and all("GPU" in w.get("resources", {}) for w in workers) else None
-    futures = [client.submit(run_group, cfg, g, key=f"group-c{g[0].index}", retries=TASK_RETRIES, pure=False,
+    from tec_pipeline import storage
+
+    options = storage.current()
+    futures = [client.submit(run_group, cfg, g, options, key=f"group-c{g[0].index}", retries=TASK_RETRIES, pure=False,
                              resources=resources) for g in groups]
     from dask.distributed import as_completed
 

@@ -22,7 +22,8 @@ from tec_pipeline.stage1.config import CacheConfig
 from tec_pipeline.stage1.decode import ChunkDataset, decoded_groups
 from tec_pipeline.stage1.write import WriterPool
 from tec_pipeline.store.claims import ClaimBook
-from tec_pipeline.store.layout import TargetStore, Task
+from tec_pipeline.store.layout import Task
+from tec_pipeline.store.target_store import TargetStore
 
 log = logging.getLogger(__name__)
 

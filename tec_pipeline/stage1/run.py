@@ -32,8 +32,10 @@ from tec_pipeline.stage1.plan import (
     store_spec,
 )
 from tec_pipeline.stage1.ranks import Ranks, coordination, from_main, rank_device, ranks_from_env, total
+from tec_pipeline.store.attributes import VOLATILE_ATTRS
 from tec_pipeline.store.claims import ClaimBook, local_root
-from tec_pipeline.store.layout import VOLATILE_ATTRS, StoreSpec, TargetStore, Task
+from tec_pipeline.store.layout import StoreSpec, Task
+from tec_pipeline.store.target_store import TargetStore
 
 log = logging.getLogger(__name__)
 __all__ = ["CacheConfig", "cache_targets"]

@@ -14,7 +14,8 @@ from types import TracebackType
 
 import numpy as np
 
-from tec_pipeline.store.layout import TargetStore, Task
+from tec_pipeline.store.layout import Task
+from tec_pipeline.store.target_store import TargetStore
 
 
 class WriterPool:

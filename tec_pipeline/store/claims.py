@@ -8,8 +8,7 @@ token) and its mtime is the heartbeat, refreshed every HEARTBEAT_S by a daemon t
 A claim is live while its heartbeat is younger than STALE_S and, on the claimant's own host, its process
 exists; otherwise it is stale and may be taken over: it is renamed to a unique name (only one taker's rename
 wins), checked to still be the claim judged stale, and replaced with a new O_EXCL claim. Torn-write cleanup
-(`remove_torn_writes`, called by TargetStore.create_or_resume) deletes a `*.partial` file only when the task
-it belongs to has no live claim.
+(store/cleanup.py) deletes a `*.partial` file only when the task it belongs to has no live claim.
 
 Stores at other fsspec URLs (memory://, s3://) have no claims: one writer at a time there.
 """
@@ -33,7 +32,7 @@ _HOST = socket.gethostname()
 
 
 class Task(Protocol):
-    """What a claim needs of a task (layout.Task; not imported, as layout.py imports this module)."""
+    """What a claim needs of a task (layout.Task; a protocol keeps claims free of the schema)."""
 
     view: int
     index: int
@@ -203,30 +202,3 @@ def local_root(url: str | os.PathLike[str]) -> Path | None:
     if "://" in path and not path.startswith("file://"):
         return None
     return Path(path.removeprefix("file://")).absolute()
-
-
-METADATA_PARTIAL_AGE_S = 30.0  # a zarr.json write takes milliseconds: an older temporary file is a dead write's
-
-
-def _partial_task(root: Path, leftover: Path) -> tuple[int, int] | None:
-    """(view, task) whose chunk `leftover` (ARRAY/c/VIEW/TASK/...*.partial) was being written, None for metadata."""
-    parts = leftover.relative_to(root).parts
-    if len(parts) >= 4 and parts[1] == "c" and parts[2].isdigit() and parts[3].split(".")[0].isdigit():
-        return int(parts[2]), int(parts[3].split(".")[0])
-    return None
-
-
-def remove_torn_writes(root: Path) -> None:
-    """Delete `*.partial` files of dead writers: Zarr's local atomic writes go to one and rename it into place, so
-    a writer killed mid-write leaves it behind. A chunk's temporary file is kept while its task has a live claim
-    (claims.py: another writer is writing it right now); a metadata one while it is younger than
-    METADATA_PARTIAL_AGE_S (a concurrent creation of the same store)."""
-    live, now = live_tasks(root), time.time()
-    for leftover in root.rglob("*.partial"):
-        task = _partial_task(root, leftover)
-        try:
-            if task in live or (task is None and now - leftover.stat().st_mtime < METADATA_PARTIAL_AGE_S):
-                continue
-        except FileNotFoundError:
-            continue  # its writer just renamed it into place
-        leftover.unlink(missing_ok=True)

@@ -16,7 +16,8 @@ import numpy as np
 
 from tec_pipeline.errors import UserError
 from tec_pipeline.store.codecs import ArrayLayout, layout_mismatch
-from tec_pipeline.store.layout import FORMAT_VERSION, TargetStore, Task
+from tec_pipeline.store.layout import FORMAT_VERSION, Task
+from tec_pipeline.store.target_store import TargetStore
 
 
 def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:

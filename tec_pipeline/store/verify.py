@@ -24,7 +24,8 @@ from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.models.vit import ViTArch
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.integrity import check_integrity
+from tec_pipeline.store.target_store import TargetStore
 
 # absolute + relative, per recorded autocast: fp32 float noise of another batch split, thread count or device;
 # bf16 keeps 8 mantissa bits (2^-8 per rounding, grown over the blocks), fp16 11
@@ -119,7 +120,7 @@ def verify_store(url: str, shards: str, recompute: int = 0, seed: int = 0,
     """{'ok': bool, 'reasons': [...], 'invalid_rows': [...], 'repairable': bool} for `tec verify`."""
     store = TargetStore.open(url)
     manifest = load_manifest(shards)
-    reasons = store.check_integrity()
+    reasons = check_integrity(store)
     data = store.attrs["data"]
     if data["fingerprint"] != manifest.fingerprint:
         reasons.append(f"the store was made from other shards (fingerprint {data['fingerprint'][:12]}, "

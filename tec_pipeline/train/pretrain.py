@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 from tec_pipeline.config import require
-from tec_pipeline.data.cached import TARGET_KEYS
-from tec_pipeline.data.epochs import VIEW_POLICIES, EpochItems, StreamSpec, TrainingBatches, valid_masks
 from tec_pipeline.data.loader import DEFAULT_SHUFFLE_BUFFER, steps_per_epoch, valid_rows_per_unit
 from tec_pipeline.data.shards import Manifest, load_manifest
 from tec_pipeline.data.views import replay_mismatch
@@ -27,8 +25,10 @@ from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.student import TECStudent
 from tec_pipeline.models.targets import stored_targets
 from tec_pipeline.models.vit import ViTArch, at_input_size, plain_arch, resolve_arch
+from tec_pipeline.stage2.cached import TARGET_KEYS
+from tec_pipeline.stage2.epochs import VIEW_POLICIES, EpochItems, StreamSpec, TrainingBatches, valid_masks
 from tec_pipeline.store.integrity import store_fingerprint
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 from tec_pipeline.train import distributed as tdist
 from tec_pipeline.train.loop import AMP_POLICIES, LoopConfig, TrainResult, run_training
 from tec_pipeline.train.run_dir import run_spec

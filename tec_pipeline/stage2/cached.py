@@ -17,7 +17,7 @@ from tec_pipeline.data.shards import Sample
 from tec_pipeline.data.views import ViewBox, replay_view_uint8
 from tec_pipeline.errors import UserError
 from tec_pipeline.store.integrity import damage_explained
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.store.target_store import TargetStore
 
 TARGET_KEYS = ("features", "attention", "topk_index")
 
@@ -25,7 +25,8 @@ TARGET_KEYS = ("features", "attention", "topk_index")
 def known_valid_rows(store: TargetStore, view: int) -> np.ndarray:
     """bool [N]: rows of `view` that hold targets (valid, and their task done)."""
     spec = store.spec
-    done = np.repeat(store.done_mask()[view], spec.chunk_rows)[: spec.rows]
+    # this view's flags only: on object storage each flag is one request (layout.py: done chunks are (1, 1))
+    done = np.repeat(np.asarray(store.array("done")[view], dtype=bool), spec.chunk_rows)[: spec.rows]
     return np.asarray(store.array("valid")[view], dtype=bool) & done
 
 

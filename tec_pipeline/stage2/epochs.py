@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tec_pipeline.data.cached import CachedViews, known_valid_rows
 from tec_pipeline.data.loader import (
     DEFAULT_SHUFFLE_BUFFER,
     FreshViews,
@@ -32,7 +30,8 @@ from tec_pipeline.data.loader import (
     skipped_per_worker,
 )
 from tec_pipeline.data.shards import Manifest
-from tec_pipeline.store.layout import TargetStore
+from tec_pipeline.stage2.cached import CachedViews, known_valid_rows
+from tec_pipeline.store.target_store import TargetStore
 
 VIEW_POLICIES = ("cycle", "first")
 
@@ -107,7 +106,7 @@ class RunStream(IterableDataset):
                               spec.workers, spec.limit, shuffle_buffer=spec.shuffle_buffer,
                               valid=known() if known is not None else None,
                               valid_per_unit=spec.valid_per_unit)[unit]
-            yield from iter_unit_batches(Path(spec.shards), plan, skip if epoch == self.first_epoch else 0, item_fn)
+            yield from iter_unit_batches(spec.shards, plan, skip if epoch == self.first_epoch else 0, item_fn)
 
 
 class TrainingBatches:
