@@ -8,6 +8,7 @@ import sys
 import click
 
 from tec_pipeline.config import config_option
+from tec_pipeline.logs import progress_enabled
 from tec_pipeline.storage import storage_options_option
 from tec_pipeline.store.integrity import describe
 from tec_pipeline.store.target_store import TargetStore
@@ -63,7 +64,7 @@ def command(store: str, as_json: bool) -> None:
 def verify_command(store: str, shards: str, recompute: int, seed: int, base_arch: str | None,
                    base_model: str | None) -> None:
     """Check a store: every task done, chunks intact, fingerprint matches --shards, targets recompute. Exit 1 if not."""
-    result = verify_store(store, shards, recompute, seed, base_arch, base_model)
+    result = verify_store(store, shards, recompute, seed, base_arch, base_model, progress=progress_enabled())
     if result["invalid_rows"]:
         click.echo(f"invalid (undecodable) rows: {', '.join(result['invalid_rows'])}")
     if result["ok"]:

@@ -38,7 +38,8 @@ def command(source: str, out: str, split: str, shard_size: int, limit: int | Non
 @click.option("--class-names", default=None, help="Comma-separated class names, in label order.")
 def index_command(directory: str, class_names: str | None) -> None:
     """Write manifest.json for existing WebDataset shards in DIRECTORY or URL (*.tar in name order)."""
-    manifest = index_shards(directory, class_names.split(",") if class_names else None)
+    manifest = index_shards(directory, class_names.split(",") if class_names else None,
+                            progress=progress_enabled())
     path = write_manifest(directory, manifest)
     skipped = f", {len(manifest.skipped)} tar samples without an image skipped" if manifest.skipped else ""
     click.echo(f"{manifest.total_rows} samples, {len(manifest.shards)} shards{skipped} -> {path}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from PIL import Image
+from tqdm import tqdm
 
 from tec_pipeline import storage
 from tec_pipeline.errors import UserError
@@ -316,9 +317,10 @@ def iter_samples(directory: str | os.PathLike[str], start_row: int = 0, stop_row
         yield from iter_shard_rows(directory, shard, start_row, stop_row)
 
 
-def index_shards(directory: str | os.PathLike[str], class_names: list[str] | None = None) -> Manifest:
+def index_shards(directory: str | os.PathLike[str], class_names: list[str] | None = None,
+                 progress: bool = False) -> Manifest:
     """A manifest for existing WebDataset shards (*.tar in name order; a path or URL): counts by reading,
-    sha256 by hashing."""
+    sha256 by hashing. `progress`: a tqdm bar over the shards."""
     directory = os.fspath(directory)
     _require_shard_dir(directory, "DIRECTORY")
     tars = storage.list_files(directory, ".tar")
@@ -326,7 +328,8 @@ def index_shards(directory: str | os.PathLike[str], class_names: list[str] | Non
         raise UserError(f"no .tar shards in {directory}")
     skipped: list[str] = []
     entries = [(name, count_tar_samples(path := storage.join(directory, name), skipped), file_sha256(path))
-               for name in tars]
+               for name in tqdm(tars, desc="shards indexed", unit="shard", disable=not progress, dynamic_ncols=True,
+                                leave=False)]
     split = tars[0].rsplit("-", 1)[0] if "-" in tars[0] else ""
     if skipped:
         log.warning("%d tar sample(s) without an image skipped (no row, listed in the manifest): %s",

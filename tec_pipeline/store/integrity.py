@@ -9,10 +9,11 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from tec_pipeline.errors import UserError
 from tec_pipeline.store.codecs import ArrayLayout, layout_mismatch
@@ -20,12 +21,13 @@ from tec_pipeline.store.layout import FORMAT_VERSION, Task
 from tec_pipeline.store.target_store import TargetStore
 
 
-def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:
+def check_integrity(store: TargetStore, read_data: bool = True, progress: bool = False) -> list[str]:
     """Reasons the store is incomplete or damaged, as one-line strings (empty list: sound).
 
     Checks every array against the spec (present, shape, dtype, chunks), lists tasks not done, and for
     each done task checks that every array's chunk object exists and (read_data) decodes — CRC32C
-    included — to finite values. read_data=False skips the full read.
+    included — to finite values. read_data=False skips the full read. `progress`: a tqdm bar over the chunks
+    checked (the stage passes logs.progress_enabled()).
     """
     reasons, sound = _array_problems(store)
     if "done" not in {lay.name for lay in sound}:
@@ -39,9 +41,11 @@ def check_integrity(store: TargetStore, read_data: bool = True) -> list[str]:
             listed = ", ".join(map(str, pending[:10])) + (", ..." if len(pending) > 10 else "")
             reasons.append(f"view {view}: {len(pending)} of {done.shape[1]} tasks not done (tasks {listed})")
     done_tasks = [t for t in tasks if done[t.view, t.index]]
-    for layout in sound:
-        if layout.name != "done":
-            reasons += [reason for _, reason in _chunk_problems(store, layout, done_tasks, read_data)]
+    checked = [layout for layout in sound if layout.name != "done"]
+    with tqdm(total=len(checked) * len(done_tasks), desc="chunks checked", unit="chunk", disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        for layout in checked:
+            reasons += [reason for _, reason in _chunk_problems(store, layout, done_tasks, read_data, bar.update)]
     return reasons
 
 
@@ -137,11 +141,13 @@ def _readable_done(store: TargetStore) -> tuple[np.ndarray, list[tuple[Task, str
         return done, damaged
 
 
-def _chunk_problems(store: TargetStore, layout: ArrayLayout, tasks: list[Task],
-                    read_data: bool) -> list[tuple[Task, str]]:
-    """(task, reason) for each done task whose chunk of `layout` is missing, undecodable or non-finite."""
+def _chunk_problems(store: TargetStore, layout: ArrayLayout, tasks: list[Task], read_data: bool,
+                    advance: Callable[[int], Any] = lambda n: None) -> list[tuple[Task, str]]:
+    """(task, reason) for each done task whose chunk of `layout` is missing, undecodable or non-finite;
+    `advance(1)` after each task (a progress bar's update)."""
     arr, keys, out = store.array(layout.name), store.keys_under(f"{layout.name}/"), []
     for task in tasks:
+        advance(1)
         where = f"view {task.view} task {task.index} (rows {task.row_start}-{task.row_stop})"
         key = f"{layout.name}/{arr.metadata.encode_chunk_key((task.view, task.index, *[0] * len(layout.trailing)))}"
         if key not in keys:

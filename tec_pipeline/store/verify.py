@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tec_pipeline.data.shards import Manifest, iter_samples, load_manifest
 from tec_pipeline.data.views import ViewBox, normalize, replay_view_uint8
@@ -85,7 +86,7 @@ def _images_by_row(shards: str, manifest: Manifest, rows: list[int]) -> dict[int
 
 
 def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: int, seed: int = 0,
-                    base_arch: str | None = None, base_model: str | None = None) -> list[str]:
+                    base_arch: str | None = None, base_model: str | None = None, progress: bool = False) -> list[str]:
     """Reasons why `count` random valid rows do not match a fresh computation (empty: they match)."""
     attrs, spec = store.attrs, store.spec
     precision = attrs["targets"].get("precision")
@@ -95,7 +96,8 @@ def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: 
     picks = [(int(rng.integers(spec.views)), int(rng.integers(spec.rows))) for _ in range(count)]
     images = _images_by_row(shards, manifest, [r for _, r in picks])
     codec, size, reasons = store.codec, attrs["base_model"]["input_size"], []
-    for view, row in picks:
+    for view, row in tqdm(picks, desc="rows recomputed", unit="row", disable=not progress, dynamic_ncols=True,
+                          leave=False):
         stored = store.read_rows(view, row, row + 1)
         if not stored["valid"][0] or images[row] is None:
             continue
@@ -115,12 +117,13 @@ def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: 
     return reasons
 
 
-def verify_store(url: str, shards: str, recompute: int = 0, seed: int = 0,
-                 base_arch: str | None = None, base_model: str | None = None) -> dict[str, Any]:
-    """{'ok': bool, 'reasons': [...], 'invalid_rows': [...], 'repairable': bool} for `tec verify`."""
+def verify_store(url: str, shards: str, recompute: int = 0, seed: int = 0, base_arch: str | None = None,
+                 base_model: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """{'ok': bool, 'reasons': [...], 'invalid_rows': [...], 'repairable': bool} for `tec verify`;
+    `progress`: bars over the chunk checks and the recomputed rows."""
     store = TargetStore.open(url)
     manifest = load_manifest(shards)
-    reasons = check_integrity(store)
+    reasons = check_integrity(store, progress=progress)
     data = store.attrs["data"]
     if data["fingerprint"] != manifest.fingerprint:
         reasons.append(f"the store was made from other shards (fingerprint {data['fingerprint'][:12]}, "
@@ -128,7 +131,7 @@ def verify_store(url: str, shards: str, recompute: int = 0, seed: int = 0,
     elif store.spec.rows > manifest.total_rows:
         reasons.append(f"the store has {store.spec.rows} rows, the shards only {manifest.total_rows}")
     elif recompute and not reasons:
-        reasons += recompute_check(store, shards, manifest, recompute, seed, base_arch, base_model)
+        reasons += recompute_check(store, shards, manifest, recompute, seed, base_arch, base_model, progress)
     # chunk or flag damage of finished tasks is what `cache-targets --repair` recomputes (integrity.damaged_tasks)
     repairable = any(" chunk of " in r or r.startswith("done flag of ") for r in reasons)
     return {"ok": not reasons, "reasons": reasons, "invalid_rows": _invalid_rows(store), "repairable": repairable}
