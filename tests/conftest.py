@@ -124,6 +124,26 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [event.value for event in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+# stage-1 settings of the small fp32 store that the failure, reliability and repair tests compare against
+SMALL_CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
+
+
+@pytest.fixture(scope="session")
+def reference_store(fmnist_shards: Path, pico_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted in-process stage-1 run with SMALL_CACHE: what every interrupted, failed or repaired run
+    must end up equal to. Shared by the session: tests copy it before they damage anything."""
+    from tec_pipeline.stage1 import CacheConfig, cache_targets
+
+    out = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out), **SMALL_CACHE))
+    return out
+
+
+def small_cache_argv(shards: Path, base: Path, out: Path) -> list[str]:
+    """`tec cache-targets` argv of the reference store's settings."""
+    return cache_targets_argv(shards, base, out, SMALL_CACHE)
+
+
 def cache_targets_argv(shards: Path, base: Path, out: Path, settings: dict[str, object]) -> list[str]:
     """`tec cache-targets` argv with `settings` (CacheConfig field names) as flags."""
     return ["cache-targets", "--shards", str(shards), "--base-model", str(base), "--out", str(out),

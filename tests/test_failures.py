@@ -18,21 +18,17 @@ import tec_pipeline.outputs as outputs
 from tec_pipeline.errors import UserError
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import assert_one_line_error, cache_targets_argv, needs_fashion_mnist, tec_in_process
+from tests.conftest import (
+    SMALL_CACHE,
+    assert_one_line_error,
+    needs_fashion_mnist,
+    small_cache_argv,
+    tec_in_process,
+)
 
 pytestmark = needs_fashion_mnist
-CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
 
 
-def _cache_argv(shards: Path, base: Path, out: Path) -> list[str]:
-    return cache_targets_argv(shards, base, out, CACHE)
-
-
-@pytest.fixture(scope="module")
-def reference_store(fmnist_shards: Path, pico_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("failures") / "reference.zarr"
-    cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out), **CACHE))
-    return out
 
 
 @pytest.fixture()
@@ -78,7 +74,7 @@ def test_read_only_out_is_one_line_for_every_writing_command(
                    str(fmnist_shards)]
     cases = {
         "make-shards": (["make-shards", "fashion-mnist", "--out", str(read_only / "shards"), "--limit", "10"], "--out"),
-        "cache-targets": (_cache_argv(fmnist_shards, pico_base, read_only / "store.zarr"), "--out"),
+        "cache-targets": (small_cache_argv(fmnist_shards, pico_base, read_only / "store.zarr"), "--out"),
         "pretrain": (["pretrain", "--targets", str(reference_store), "--shards", str(fmnist_shards), "--out",
                       str(read_only / "run"), "--epochs", "1", "--batch-size", "32"], "--out"),
         "convert": (["convert", str(pico_base), "--out", str(read_only / "w.safetensors")], "--out"),
@@ -112,7 +108,7 @@ def test_full_disk_in_cache_targets_is_one_line_and_finished_tasks_survive(
         return await write(self, key, value, *args, **kwargs)
 
     monkeypatch.setattr(LocalStore, "_set", fills_up)
-    proc = tec_in_process(capfd, *_cache_argv(fmnist_shards, pico_base, out))
+    proc = tec_in_process(capfd, *small_cache_argv(fmnist_shards, pico_base, out))
     monkeypatch.undo()
     assert_one_line_error(proc)
     assert "No space left on device (errno 28); finished tasks are kept" in proc.stderr, proc.stderr
@@ -122,7 +118,7 @@ def test_full_disk_in_cache_targets_is_one_line_and_finished_tasks_survive(
     for task in finished:  # identical to an undamaged run, row for row
         ours, theirs = (s.read_rows(task.view, task.row_start, task.row_stop) for s in (store, reference))
         assert all(np.array_equal(ours[k], theirs[k]) for k in theirs), task
-    assert tec_in_process(capfd, *_cache_argv(fmnist_shards, pico_base, out)).returncode == 0
+    assert tec_in_process(capfd, *small_cache_argv(fmnist_shards, pico_base, out)).returncode == 0
     ours, theirs = _store_arrays(out), _store_arrays(reference_store)
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
 
@@ -231,7 +227,7 @@ def test_off_a_terminal_stage_1_logs_a_line_every_few_tasks(fmnist_shards: Path,
 
     with caplog.at_level(logging.INFO, logger="tec_pipeline.progress"):
         cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(tmp_path / "s.zarr"),
-                                  **{**CACHE, "chunk_rows": 32}), progress=False)
+                                  **{**SMALL_CACHE, "chunk_rows": 32}), progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "tec_pipeline.progress"]
     done = [int(m.group(1)) for line in lines
             if (m := re.fullmatch(r"cache-targets: (\d+)/20 tasks \(\d+ %\), \d+ img/s, elapsed \d+:\d\d:\d\d, "
@@ -253,7 +249,7 @@ def test_stage_1_checks_free_space_for_its_pending_tasks_before_computing(
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 500_000, 500_000))
     out = tmp_path / "store.zarr"
-    proc = tec_in_process(capfd, *_cache_argv(fmnist_shards, pico_base, out))
+    proc = tec_in_process(capfd, *small_cache_argv(fmnist_shards, pico_base, out))
     assert_one_line_error(proc)
     assert (f"the 10 pending tasks need about {estimate / 1e6:.1f} MB, but {out} has 500.0 kB free; free space or "
             "choose another --out (finished tasks are kept)") in proc.stderr, proc.stderr

@@ -32,10 +32,9 @@ from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.stage1.cluster import run_group
 from tec_pipeline.store.layout import Task
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import cache_targets_argv, needs_fashion_mnist, run_tec
+from tests.conftest import SMALL_CACHE, needs_fashion_mnist, run_tec, small_cache_argv
 
 pytestmark = needs_fashion_mnist
-CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
 TASKS, DATA_ARRAYS, META_OBJECTS = 10, 5, 7  # 2 views x 5 chunks of 300 rows; group + 6 arrays
 KILL_SEED = 20240610
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -86,16 +85,6 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def _cache_argv(shards: Path, base: Path, out: Path) -> list[str]:
-    return cache_targets_argv(shards, base, out, CACHE)
-
-
-@pytest.fixture(scope="module")
-def reference_store(fmnist_shards: Path, pico_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted in-process stage-1 run: what every interrupted run must end up equal to."""
-    out = tmp_path_factory.mktemp("reliability") / "reference.zarr"
-    cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out), **CACHE))
-    return out
 
 
 def _assert_same_store(ours: Path, reference: Path) -> None:
@@ -137,7 +126,7 @@ def _planned_rows(shards: Path, batch_size: int, rows: int, valid: np.ndarray, e
 def test_cache_targets_sigkilled_at_three_random_points_then_rerun_is_identical(
         reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed.zarr"
-    argv = _cache_argv(fmnist_shards, pico_base, out)
+    argv = small_cache_argv(fmnist_shards, pico_base, out)
     rng = np.random.default_rng(KILL_SEED)
     points = [("meta", int(rng.integers(1, META_OBJECTS + 1))),
               ("torn", int(rng.integers(1, TASKS * DATA_ARRAYS))), ("done", None)]
@@ -193,7 +182,7 @@ def test_dask_worker_killed_mid_task_the_task_is_rerun_elsewhere(
     watcher = threading.Thread(target=kill_the_first_worker_to_start_a_task, daemon=True)
     watcher.start()
     summary = cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out),
-                                        **{**CACHE, "workers": 2}))
+                                        **{**SMALL_CACHE, "workers": 2}))
     watcher.join()
     assert killed and summary["tasks_run"] == TASKS
     events = [line.split(" ", 1) for line in log.read_text().splitlines()]

@@ -10,20 +10,12 @@ import numpy as np
 import pytest
 import zarr
 
-from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.integrity import check_integrity, damaged_tasks
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, small_cache_argv, tec_in_process
 
 pytestmark = needs_fashion_mnist
-CACHE = {"views": 2, "topk": 4, "chunk_rows": 64, "batch_size": 32, "codec": "fp32", "loader_workers": 0}
 
-
-@pytest.fixture(scope="module")
-def reference_store(fmnist_shards: Path, pico_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("repair") / "reference.zarr"
-    cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(out), **CACHE))
-    return out
 
 
 def _files(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -53,8 +45,7 @@ def test_repair_recomputes_exactly_the_damaged_tasks(reference_store: Path, fmni
     damaged = _damage(store)
     assert [(t.view, t.index) for t in damaged_tasks(TargetStore.open(store))] == [(0, 2), (1, 3), (1, 4)]
     before = _files(store)
-    argv = ["cache-targets", "--shards", str(fmnist_shards), "--base-model", str(pico_base), "--out", str(store),
-            *[x for key, value in CACHE.items() for x in (f"--{key.replace('_', '-')}", str(value))]]
+    argv = small_cache_argv(fmnist_shards, pico_base, store)
     plain = tec_in_process(capfd, *argv)  # a plain rerun: no checksum traceback, the advice to repair
     assert_one_line_error(plain)
     assert "done flag of view 1 task 4 does not decode (ValueError); rerun with --repair" in plain.stderr
