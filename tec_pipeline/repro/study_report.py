@@ -92,8 +92,10 @@ def cost_lines(r: dict[str, Any]) -> list[str]:
         f"Method: FLOPs counted by torch's FlopCounterMode on this project's models (matmuls, convolutions, "
         f"attention; optimiser and data loading left out), divided by an assumed sustained {GPU_FLOPS / 1e12:.0f} "
         "TFLOP/s. The assumption is the weak part (no GPU was lent to measure it: `make gpu-check` would); the "
-        "ratio between the rows does not depend on it, and the FLOP share f is checked above against the CPU "
-        "seconds measured at the study's own size.",
+        "ratio between the rows does not depend on it. Where the measured share at the study's size is below the "
+        "FLOP share, the difference is work both modes pay that FLOPs do not count (decoding and replaying "
+        "views, the optimiser, Python): the FLOP-based saving is then an upper bound, reached as matmuls "
+        "dominate the step.",
     ]
 
 
