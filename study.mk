@@ -63,7 +63,12 @@ $(S)/size-%-s0/done: $(S)/store-fp16.zarr/zarr.json
 $(S)/evals/%-knn.json: $(S)/%/done $(R)/shards/test/manifest.json
 	$(call timed,$(S),eval-$*,$(TEC) frozen-eval --checkpoint $(S)/$*/checkpoint.pth $(EVAL_OPTS) --json-prefix $(S)/evals/$*,$(EVAL_THREADS))
 
-$(S)/report.md: $(foreach a,$(STUDY_ARMS),$(S)/evals/$(a)-knn.json)
+# what the numbers were made with, written before the first step (make builds prerequisites in order)
+$(S)/provenance.txt:
+	@mkdir -p $(S)
+	@echo "made by \`make study$(if $(MAKEOVERRIDES), $(MAKEOVERRIDES))\` on commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes'), started $$(date -u '+%Y-%m-%d %H:%M UTC')" > $@
+
+$(S)/report.md: $(S)/provenance.txt $(foreach a,$(STUDY_ARMS),$(S)/evals/$(a)-knn.json)
 	$(TEC) report $(S) --study --e2 $(STUDY_E2)
 
 study-docs: $(S)/report.md

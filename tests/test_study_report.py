@@ -32,6 +32,7 @@ def study_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for seed, value in enumerate(values):
             _eval(tmp_path, f"codec-{codec}-s{seed}", value, value - 10, 100.0)
         (tmp_path / "timing" / f"cache-{codec}.cpu").write_text("30\n")
+    (tmp_path / "provenance.txt").write_text("made by `make study` on commit abc1234, started 2026-12-01 17:52 UTC\n")
     _eval(tmp_path, "online-s0", 70.5, 60.5, 150.0)
     _eval(tmp_path, "views-v8-s0", 71.5, 61.0, 100.0)
     _eval(tmp_path, "masks-m2-s0", 70.9, 60.9, 190.0)
@@ -63,6 +64,7 @@ def test_codec_deltas_are_paired_over_seeds_and_the_rule_picks_the_smallest_with
 def test_study_report_tables_and_figures(study_dir: Path) -> None:
     report = write_study_report(study_dir, epochs=6).read_text()
     assert "| int8 | 7,500 | 0.531 | 3 | 70.80 ± 1.05 | -0.20 [-0.45, +0.05] |" in report
+    assert "Made by `make study` on commit abc1234, started" in report
     assert "Default codec by the rule" in report and "**int8**" in report
     assert "| V = 8 | 71.50 | 61.00 | 100 | `views-v8-s0` |" in report
     assert "| online (a fresh view every epoch) | 70.50 | 60.50 | 150 | `online-s0` |" in report
