@@ -64,7 +64,7 @@ def test_codec_deltas_are_paired_over_seeds_and_the_rule_picks_the_smallest_with
 def test_study_report_tables_and_figures(study_dir: Path) -> None:
     report = write_study_report(study_dir, epochs=6).read_text()
     assert "| int8 | 7,500 | 0.531 | 3 | 70.80 ± 1.05 | -0.20 [-0.45, +0.05] |" in report
-    assert "Made by `make study` on commit abc1234, started" in report
+    assert "Made by `make study` on commit abc1234, started 2026-12-01 17:52 UTC." in report
     assert "Default codec by the rule" in report and "**int8**" in report
     assert "| V = 8 | 71.50 | 61.00 | 100 | `views-v8-s0` |" in report
     assert "| online (a fresh view every epoch) | 70.50 | 60.50 | 150 | `online-s0` |" in report

@@ -160,9 +160,10 @@ def write_study_report(root: str | Path, epochs: int) -> Path:
     choice = r["default_codec"]
     commands = (root / "commands.sh").read_text().strip() if (root / "commands.sh").is_file() else ""
     provenance = root / "provenance.txt"
+    made = provenance.read_text().strip() if provenance.is_file() else ""
     lines = [
         "# `make study`: what the cache keeps, and what it costs", "",
-        *([provenance.read_text().strip().capitalize() + ".", ""] if provenance.is_file() else []),
+        *([made[:1].upper() + made[1:] + ".", ""] if made else []),
         f"{r['n_train']:,} Fashion-MNIST training images, the reproduction's MAE base model, TEC students of "
         f"{epochs} epochs. Accuracy: top-1 (%) of frozen encoders on the test split, linear probe (L-BFGS) and "
         "kNN. Paired deltas are over seeds (Student-t 95 % interval); rows of one seed have no interval and "
