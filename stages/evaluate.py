@@ -21,6 +21,12 @@ from tec_pipeline.storage import storage_options_option
 
 frozen_option = option_factory(FrozenEvalConfig)
 finetune_option = option_factory(FinetuneConfig)
+# the method options, shared by the command of each method and by frozen-eval, which runs both
+protocol_option = frozen_option("--protocol", type=click.Choice(["lbfgs", "mae"]),
+                                help="lbfgs: L-BFGS on standardised features (fast, not comparable with published "
+                                     "numbers); mae: MAE's BatchNorm + LARS head, 90 epochs.")
+k_option = frozen_option("--k", type=int, help="kNN neighbours.")
+temperature_option = frozen_option("--temperature", type=float, help="kNN vote weight exp(sim / T).")
 
 
 def common_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -71,9 +77,7 @@ def _frozen(methods: tuple[str, ...], options: dict[str, Any], json_paths: dict[
 
 @click.command("linprobe")
 @common_options(FrozenEvalConfig)
-@frozen_option("--protocol", type=click.Choice(["lbfgs", "mae"]),
-               help="lbfgs: L-BFGS on standardised features (fast, not comparable with published numbers); "
-                    "mae: MAE's BatchNorm + LARS head, 90 epochs.")
+@protocol_option
 def linprobe_command(**options: Any) -> None:
     """Linear probe on frozen centre-view features (CLS and mean pooling; the better one is reported)."""
     _frozen(("linprobe",), options, {"--json": options["json"]})
@@ -81,8 +85,8 @@ def linprobe_command(**options: Any) -> None:
 
 @click.command("knn")
 @common_options(FrozenEvalConfig)
-@frozen_option("--k", type=int, help="Neighbours.")
-@frozen_option("--temperature", type=float, help="Vote weight exp(sim / T).")
+@k_option
+@temperature_option
 def knn_command(**options: Any) -> None:
     """Weighted kNN (cosine, DINO's votes) on frozen centre-view features."""
     _frozen(("knn",), options, {"--json": options["json"]})
@@ -90,9 +94,9 @@ def knn_command(**options: Any) -> None:
 
 @click.command("frozen-eval")
 @common_options(FrozenEvalConfig)
-@frozen_option("--protocol", type=click.Choice(["lbfgs", "mae"]), help="Linear probe protocol (see `tec linprobe --help`).")
-@frozen_option("--k", type=int, help="kNN neighbours.")
-@frozen_option("--temperature", type=float, help="kNN vote weight exp(sim / T).")
+@protocol_option
+@k_option
+@temperature_option
 @click.option("--json-prefix", default=None, type=click.Path(dir_okay=False),
               help="Write PREFIX-linprobe.json and PREFIX-knn.json (the files `tec linprobe` / `tec knn` write).")
 def frozen_eval_command(json_prefix: str | None, **options: Any) -> None:

@@ -72,6 +72,16 @@ def differences_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def save_figure(fig: Any, path: Path) -> str:
+    """Lay out, write (110 dpi PNG) and close a report figure; its file name, for the markdown link."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plot(root: Path, r: dict[str, Any]) -> tuple[str, str]:
     import matplotlib
 
@@ -89,9 +99,7 @@ def _plot(root: Path, r: dict[str, Any]) -> tuple[str, str]:
     axes[1].set(title="TEC loss (feature + attention)", xlabel="epoch", ylabel="loss")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    loss_png = save_figure(fig, root / "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(r["arms"])
@@ -108,10 +116,7 @@ def _plot(root: Path, r: dict[str, Any]) -> tuple[str, str]:
     if lows:
         ax.set_ylim(max(0, min(lows) - 10), min(100, max(lows) + 5))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "accuracy.png", dpi=110)
-    plt.close(fig)
-    return "loss_curves.png", "accuracy.png"
+    return loss_png, save_figure(fig, root / "accuracy.png")
 
 
 def _configs(root: Path, seed: int) -> list[str]:

@@ -62,12 +62,13 @@ def run_names(arm: Arm, seeds: list[int]) -> list[str]:
     return [f"{arm.name}-s{s}" for s in seeds] if arm.seeded else [arm.name]
 
 
-def _top1(root: Path, run: str, method: str) -> float | None:
+def top1(root: Path, run: str, method: str) -> float | None:
+    """Top-1 of R/evals/<run>-<method>.json, None when that evaluation has not run."""
     path = root / "evals" / f"{run}-{method}.json"
     return json.loads(path.read_text())["top1"] if path.is_file() else None
 
 
-def _seconds(root: Path, steps: list[str], kind: str = "wall") -> float | None:
+def step_seconds(root: Path, steps: list[str], kind: str = "wall") -> float | None:
     """Wall (timing/<step>.ms) or CPU (timing/<step>.cpu) seconds of `steps` together; None if any is missing."""
     files = [root / "timing" / f"{n}.{'ms' if kind == 'wall' else 'cpu'}" for n in steps]
     if not files or not all(f.is_file() for f in files):
@@ -76,13 +77,14 @@ def _seconds(root: Path, steps: list[str], kind: str = "wall") -> float | None:
     return total / 1000 if kind == "wall" else total
 
 
-def _store_summary(root: Path) -> dict[str, Any] | None:
+def store_summary(path: Path) -> dict[str, Any] | None:
+    """Size of the target store at `path` (None when there is none): stored and raw fp16 bytes per view."""
     from tec_pipeline.store.integrity import describe
     from tec_pipeline.store.target_store import TargetStore
 
-    if not (root / "targets.zarr" / "zarr.json").is_file():
+    if not (path / "zarr.json").is_file():
         return None
-    d = describe(TargetStore.open(str(root / "targets.zarr")))
+    d = describe(TargetStore.open(str(path)))
     spec = d["spec"]
     fp16 = spec["patches"] * spec["dim"] * 2 + (1 + spec["k"]) * spec["heads"] * spec["patches"] * 2
     return {"stored_bytes": d["stored_bytes"], "per_view": d["stored_bytes_per_image_view"], "raw_fp16_per_view": fp16,
@@ -93,14 +95,14 @@ def _arm_result(root: Path, arm: Arm, seeds: list[int], label: str, forward_pass
     runs = run_names(arm, seeds)
     out: dict[str, Any] = {"label": label, "runs": runs, "base_forward_passes": forward_passes}
     for method in METHODS:
-        values = [_top1(root, run, method) for run in runs]
+        values = [top1(root, run, method) for run in runs]
         out[f"{method}_top1"] = values  # per seed (one value for unseeded arms), None where missing
         present = [v for v in values if v is not None]
         s = summarize(present) if present else None
         out[f"{method}_mean"], out[f"{method}_std"] = (s.mean, s.std) if s else (None, None)
     out["seeds_done"] = len([v for v in out["linprobe_top1"] if v is not None])
     for kind in ("wall", "cpu"):
-        per_run = [_seconds(root, [f"{t}-s{s}" if arm.seeded else t for t in arm.timing], kind)
+        per_run = [step_seconds(root, [f"{t}-s{s}" if arm.seeded else t for t in arm.timing], kind)
                    for s in (seeds or [0])]
         known = [t for t in per_run if t is not None]
         key = "seconds_per_seed" if kind == "wall" else "cpu_seconds_per_seed"
@@ -134,9 +136,9 @@ def results(root: Path, views: int, e1: int, e2: int) -> dict[str, Any]:
     for arm in ARMS:
         label = arm.label.replace("E1", str(e1)).replace("E2", str(e2))
         arms[arm.name] = _arm_result(root, arm, seeds, label, forward_passes[arm.name])
-    cache_seconds, cache_cpu = _seconds(root, ["cache"]), _seconds(root, ["cache"], "cpu")
+    cache_seconds, cache_cpu = step_seconds(root, ["cache"]), step_seconds(root, ["cache"], "cpu")
     return {"n_train": n_train, "views": views, "e1": e1, "e2": e2, "seeds": seeds, "arms": arms,
-            "differences": _differences(arms, seeds), "store": _store_summary(root),
+            "differences": _differences(arms, seeds), "store": store_summary(root / "targets.zarr"),
             "cache": {"base_forward_passes": views * n_train, "seconds": cache_seconds, "cpu_seconds": cache_cpu}}
 
 

@@ -13,14 +13,13 @@ against it.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from tec_pipeline.repro.results import METHODS, step_seconds, store_summary, top1
 from tec_pipeline.repro.stats import paired_difference, summarize
 
-METHODS = ("linprobe", "knn")
 CODECS = ("fp32", "fp16", "int8", "ecq")
 REFERENCE_CODEC = "fp32"
 DEFAULT_ARM = "codec-fp16-s0"  # V = 2, M = 1, the base model's size
@@ -28,14 +27,8 @@ DEFAULT_ARM = "codec-fp16-s0"  # V = 2, M = 1, the base model's size
 CODEC_MARGIN = 0.3
 
 
-def top1(root: Path, run: str, method: str) -> float | None:
-    path = root / "evals" / f"{run}-{method}.json"
-    return json.loads(path.read_text())["top1"] if path.is_file() else None
-
-
 def cpu_seconds(root: Path, step: str) -> float | None:
-    path = root / "timing" / f"{step}.cpu"
-    return float(path.read_text()) if path.is_file() else None
+    return step_seconds(root, [step], "cpu")
 
 
 def _runs(root: Path, pattern: str) -> dict[str, re.Match[str]]:
@@ -44,17 +37,7 @@ def _runs(root: Path, pattern: str) -> dict[str, re.Match[str]]:
 
 
 def store_bytes_per_view(root: Path, codec: str) -> dict[str, Any] | None:
-    from tec_pipeline.store.integrity import describe
-    from tec_pipeline.store.target_store import TargetStore
-
-    path = root / f"store-{codec}.zarr"
-    if not (path / "zarr.json").is_file():
-        return None
-    d = describe(TargetStore.open(str(path)))
-    spec = d["spec"]
-    raw = spec["patches"] * spec["dim"] * 2 + (1 + spec["k"]) * spec["heads"] * spec["patches"] * 2
-    return {"per_view": d["stored_bytes_per_image_view"], "raw_fp16_per_view": raw, "views": d["views"],
-            "rows": d["rows"]}
+    return store_summary(root / f"store-{codec}.zarr")
 
 
 def _seeded(root: Path, prefix: str) -> dict[int, dict[str, float | None]]:

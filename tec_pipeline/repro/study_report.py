@@ -9,6 +9,7 @@ from typing import Any
 
 from tec_pipeline.config import require
 from tec_pipeline.repro.cost import GPU_FLOPS
+from tec_pipeline.repro.report import save_figure
 from tec_pipeline.repro.study import (
     CODEC_MARGIN,
     CODECS,
@@ -116,10 +117,7 @@ def _plot_codecs(root: Path, r: dict[str, Any]) -> str:
         ax.axhspan(-CODEC_MARGIN, CODEC_MARGIN, color="0.9")
         ax.axhline(0, color="0.5", lw=1)
         ax.set(xlabel="stored kB per view", ylabel=f"{method} Δ vs fp32 (points)", title=f"{method}: mean, 95 % interval")
-    fig.tight_layout()
-    fig.savefig(root / "codecs.png", dpi=110)
-    plt.close(fig)
-    return "codecs.png"
+    return save_figure(fig, root / "codecs.png")
 
 
 def _plot_views_and_sizes(root: Path, r: dict[str, Any]) -> str:
@@ -140,10 +138,7 @@ def _plot_views_and_sizes(root: Path, r: dict[str, Any]) -> str:
     axes[1].set(xlabel="student encoder parameters (M)", ylabel="top-1 (%)", title="students from one cache (seed 0)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "views_sizes.png", dpi=110)
-    plt.close(fig)
-    return "views_sizes.png"
+    return save_figure(fig, root / "views_sizes.png")
 
 
 def write_study_report(root: str | Path, epochs: int) -> Path:
