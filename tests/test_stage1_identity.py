@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from tec_pipeline.stage1 import CacheConfig, cache_targets
@@ -189,3 +190,51 @@ def test_stage2_refuses_another_replay(store: Path, fmnist_shards: Path) -> None
     reasons = store_mismatches(TargetStore.open(store), load_manifest(fmnist_shards),
                                resolve_arch("tec_pico_p4_16"), 4, False)
     assert any("replayed by" in r and "pillow-simd" in r for r in reasons), reasons
+
+
+def test_torch_replay_store_recorded_replayed_and_verified(fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """A `--replay torch` store records that replay; stage 2 and verify replay with it (not the default): with
+    fp32 targets, a recomputation from the default replay's pixels is caught, the recorded one's matches."""
+    from tec_pipeline.data.shards import iter_samples, load_manifest
+    from tec_pipeline.data.views import REPLAYS, ViewBox, replay_view_uint8
+    from tec_pipeline.stage1.decode import decode_task
+    from tec_pipeline.stage2.cached import CachedViews
+    from tec_pipeline.store.layout import Task
+
+    out = tmp_path / "torch.zarr"
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out, codec="fp32", replay="torch"))
+    assert proc.returncode == 0, proc.stderr
+    store = TargetStore.open(out)
+    assert store.attrs["views"]["replay"] == REPLAYS["torch"]
+    size = store.attrs["base_model"]["input_size"]
+    stage1 = decode_task(str(fmnist_shards), load_manifest(fmnist_shards), Task(0, 0, 0, 64), 0, size, "torch")
+    stage2 = CachedViews(str(out), 0, size)
+    assert stage2.replay == "torch"
+    differ = 0
+    for sample in iter_samples(str(fmnist_shards), 0, 64, load_manifest(fmnist_shards)):
+        item = stage2(sample, stage2.stored(sample.row))  # stage 2's pixels are stage 1's, bit for bit
+        assert torch.equal(item["pixels"], stage1.pixels[sample.row]), sample.row
+        box = ViewBox.from_array(stage2.stored(sample.row)["boxes"])
+        differ += not torch.equal(item["pixels"], replay_view_uint8(sample.image, box, size, "pil"))
+    assert differ > 0  # the two replays do differ on these images: which one is used matters
+
+    ok = tec_in_process(capfd, "verify", str(out), "--shards", str(fmnist_shards), "--recompute", "8")
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+    group = zarr.open_group(str(out), mode="r+")
+    tec = dict(group.attrs)["tec"]
+    tec["views"]["replay"] = REPLAYS["pil"]  # now verify replays with the wrong one
+    group.attrs["tec"] = tec
+    wrong = tec_in_process(capfd, "verify", str(out), "--shards", str(fmnist_shards), "--recompute", "8")
+    assert wrong.returncode == 1 and "differ from a recomputation" in wrong.stderr, wrong.stderr
+
+
+def test_resume_with_other_replay_is_refused(store: Path, fmnist_shards: Path, pico_base: Path,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    before = _bytes(store)
+    proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, store, replay="torch"))
+    assert_one_line_error(proc)
+    assert "views.replay" in proc.stderr and "torch" in proc.stderr, proc.stderr
+    assert _bytes(store) == before
+    bad = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, store.with_name("x.zarr"), replay="simd"))
+    assert bad.returncode == 2 and "simd" in bad.stderr

@@ -2,14 +2,20 @@
 
 A view is (row, view id) -> integer crop box in decoded-image pixels plus a flip bit, drawn from a counter-based
 RNG keyed by (seed, row, view id) with torchvision RandomResizedCrop semantics. Stage 1 stores the box; stage 2
-replays it. Replay is PIL crop -> PIL bicubic resize -> optional mirror -> ToTensor -> ImageNet normalisation,
-exactly the reference pipeline, so the same box always gives bit-identical pixels.
+replays it: crop -> bicubic antialiased resize -> optional mirror -> ToTensor -> ImageNet normalisation, so the
+same box always gives bit-identical pixels.
 
-The replay is part of a store's format (`REPLAY`, recorded by stage 1, checked by stage 2): another resampler
-gives other pixels for the same box. Measured on 500x375 photos, not bit-identical and so not used: one
-`Image.resize(size, BICUBIC, box=...)` call instead of crop + resize (3 of 200 views equal: the filter reads
-pixels outside the box, the crop clamps at its edges), JPEG draft mode (DCT scaling changes the decoded image),
-pillow-simd (other rounding).
+Two replays, chosen per store by stage 1 (`--replay`) and recorded in it (`REPLAYS`); stage 2 and verify use
+the recorded one and refuse a store whose record this installation cannot reproduce:
+- `pil`: PIL crop + `resize(BICUBIC)`, exactly the reference pipeline (torchvision RandomResizedCrop on PIL).
+- `torch`: the decoded image as a uint8 tensor, a slice for the crop, `F.interpolate(bicubic, antialias=True)`
+  on uint8 (torch's integer kernel, the pillow-simd port). About 3x cheaper than PIL's resize on 500x375 photos
+  (README "The host path"); the same filter, so it differs from `pil` only in rounding: by 1–3 grey levels on 1.9 % of
+  the values of 64 500x375 photos at 224 px, at most 4 on scikit-image's photos. Its output does not depend on the thread count or on ATen's CPU dispatch (default, AVX2,
+  AVX512 gave identical bytes), so a store made on one host replays on another with the same versions.
+Measured and not used (pixels differ between calls or from the record): one `Image.resize(size, BICUBIC,
+box=...)` call (3 of 200 views equal `pil`: the filter reads outside the box), JPEG draft mode (DCT scaling
+changes the decoded image), pillow-simd (another build of PIL).
 """
 
 from __future__ import annotations
@@ -20,15 +26,24 @@ from dataclasses import dataclass
 import numpy as np
 import PIL
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from tec_pipeline.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALE = (0.2, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875  # resize shorter side to size / 0.875, centre-crop size (224 <- 256)
-# bump `version` whenever replay_view_into can give other pixels for the same box and image
-REPLAY = {"implementation": "PIL crop, resize BICUBIC, mirror", "version": 1, "pillow": PIL.__version__}
+# bump a `version` whenever replay_view_into can give other pixels for the same box and image
+REPLAYS = {
+    "pil": {"implementation": "PIL crop, resize BICUBIC, mirror", "version": 1, "pillow": PIL.__version__},
+    "torch": {"implementation": "uint8 tensor crop, torch interpolate bicubic antialias, mirror", "version": 1,
+              "torch": torch.__version__, "pillow": PIL.__version__},  # PIL still decodes
+}
+DEFAULT_REPLAY = "pil"  # the reference pipeline's own pixels; every figure in the README was made with it
+REPLAY = REPLAYS[DEFAULT_REPLAY]
 
 
 @dataclass(frozen=True)
@@ -87,22 +102,39 @@ def _center_fallback(width: int, height: int, ratio: tuple[float, float]) -> tup
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def replay_view_into(out: torch.Tensor, image: Image.Image, box: ViewBox) -> torch.Tensor:
+def replay_source(image: Image.Image, replay: str = DEFAULT_REPLAY) -> Image.Image | torch.Tensor:
+    """What `replay` reads a view's pixels from, made once per image and shared by all its views: the PIL image
+    itself, or (torch) its pixels as a uint8 [3, H, W] tensor over one HWC copy (the crop is then a slice)."""
+    if replay == "pil":
+        return image
+    if replay == "torch":
+        return torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image)).permute(2, 0, 1)
+    raise ValueError(f"unknown replay {replay!r}; one of {', '.join(REPLAYS)}")
+
+
+def replay_view_into(out: torch.Tensor, source: Image.Image | torch.Tensor, box: ViewBox,
+                     replay: str = DEFAULT_REPLAY) -> torch.Tensor:
     """Write the view's pixels before normalisation into `out` (uint8 [3, S, S]) and return it.
 
-    Filling a preallocated batch row saves the per-view tensor and its copy into the batch.
+    `source` comes from `replay_source(image, replay)`. Filling a preallocated batch row saves the per-view
+    tensor and its copy into the batch.
     """
     size = out.shape[-1]
-    crop = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+    if replay == "torch":
+        crop = source[None, :, box.top:box.top + box.height, box.left:box.left + box.width]
+        # uint8 in, uint8 out: the integer antialiasing kernel (a float input would take the float one)
+        view = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+        return out.copy_(view.flip(-1) if box.flip else view)
+    crop = source.crop((box.left, box.top, box.left + box.width, box.top + box.height))
     crop = crop.resize((size, size), Image.Resampling.BICUBIC)
     if box.flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return out.copy_(torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1))
 
 
-def replay_view_uint8(image: Image.Image, box: ViewBox, size: int) -> torch.Tensor:
+def replay_view_uint8(image: Image.Image, box: ViewBox, size: int, replay: str = DEFAULT_REPLAY) -> torch.Tensor:
     """The view's pixels before normalisation: uint8 [3, size, size]."""
-    return replay_view_into(torch.empty(3, size, size, dtype=torch.uint8), image, box)
+    return replay_view_into(torch.empty(3, size, size, dtype=torch.uint8), replay_source(image, replay), box, replay)
 
 
 def center_view_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -126,23 +158,36 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(255).sub_(mean).div_(std)
 
 
-def replay_view(image: Image.Image, box: ViewBox, size: int) -> torch.Tensor:
+def replay_view(image: Image.Image, box: ViewBox, size: int, replay: str = DEFAULT_REPLAY) -> torch.Tensor:
     """The normalised view the base model saw: float32 [3, size, size]."""
-    return normalize(replay_view_uint8(image, box, size))
+    return normalize(replay_view_uint8(image, box, size, replay))
 
 
 def view_constants(size: int, seed: int, scale: tuple[float, float] = DEFAULT_SCALE,
-                   ratio: tuple[float, float] = DEFAULT_RATIO, flip_prob: float = 0.5) -> dict:
+                   ratio: tuple[float, float] = DEFAULT_RATIO, flip_prob: float = 0.5,
+                   replay: str = DEFAULT_REPLAY) -> dict:
     """What a store records so that a later replay is known to reproduce the same pixels."""
     return {"size": size, "seed": seed, "scale": list(scale), "ratio": list(ratio), "flip_prob": flip_prob,
             "interpolation": "PIL.BICUBIC", "pil_version": PIL.__version__, "decoder": f"PIL {PIL.__version__}",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "replay": dict(REPLAY)}
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "replay": dict(REPLAYS[replay])}
+
+
+def recorded_replay(views_attrs: dict) -> str:
+    """The replay (a `REPLAYS` name) whose pixels a store's views were computed on; UserError if this
+    installation cannot reproduce them."""
+    stored = views_attrs.get("replay")
+    for name, record in REPLAYS.items():
+        if stored == record:
+            return name
+    raise UserError(f"its views were replayed by {stored or 'an unrecorded replay (made before replay versions)'}, "
+                    f"and this installation replays with {' or '.join(map(str, REPLAYS.values()))}; re-run tec "
+                    "cache-targets with this installation")
 
 
 def replay_mismatch(views_attrs: dict) -> str | None:
     """Why views recorded by a store (its `views` attributes) would not replay bit-identically here, or None."""
-    stored = views_attrs.get("replay")
-    if stored != REPLAY:
-        return (f"its views were replayed by {stored or 'an unrecorded replay (made before replay versions)'}, "
-                f"this installation replays with {REPLAY}; re-run tec cache-targets with this installation")
+    try:
+        recorded_replay(views_attrs)
+    except UserError as error:
+        return str(error)
     return None

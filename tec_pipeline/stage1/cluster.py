@@ -94,7 +94,8 @@ def run_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict[str, An
         return 0, 0
     try:
         images = 0
-        for inputs in decode_tasks(cfg.shards, manifest, tasks, cfg.seed, store.attrs["base_model"]["input_size"]):
+        for inputs in decode_tasks(cfg.shards, manifest, tasks, cfg.seed, store.attrs["base_model"]["input_size"],
+                                   cfg.replay):
             result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device,
                                   store.attrs["targets"]["precision"]["autocast"], store.codec)
             store.write_task(inputs.task, **result)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tec_pipeline.config import require
+from tec_pipeline.data.views import DEFAULT_REPLAY, REPLAYS
 from tec_pipeline.store.codecs import get_codec
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -33,6 +34,7 @@ class CacheConfig:
     device: str = "auto"
     amp: str = "auto"
     writer_threads: int = 2
+    replay: str = DEFAULT_REPLAY  # how a view's pixels are made from its box (data/views.py); recorded
 
 
 def validate_config(cfg: CacheConfig) -> None:
@@ -47,6 +49,7 @@ def validate_config(cfg: CacheConfig) -> None:
     require(cfg.workers >= 0 and cfg.loader_workers >= 0, "--workers must be >= 0")
     require(cfg.writer_threads >= 1, f"--writer-threads must be >= 1, got {cfg.writer_threads}")
     require(cfg.amp in AMP_CHOICES, f"--amp must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
+    require(cfg.replay in REPLAYS, f"--replay must be one of {', '.join(REPLAYS)}, got {cfg.replay!r}")
     get_codec(cfg.codec)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tec_pipeline.data.shards import Manifest, iter_samples
-from tec_pipeline.data.views import replay_view_into, sample_view
+from tec_pipeline.data.views import DEFAULT_REPLAY, replay_source, replay_view_into, sample_view
 from tec_pipeline.store.layout import Task
 
 
@@ -33,9 +33,10 @@ class TaskInputs:
         return dataclasses.replace(self, pixels=self.pixels.pin_memory())
 
 
-def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: int, img_size: int) -> list[TaskInputs]:
+def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: int, img_size: int,
+                 replay: str = DEFAULT_REPLAY) -> list[TaskInputs]:
     """Tasks of one chunk (same rows, any views): read and decode each image once, then sample and replay every
-    task's view box on it. Returns one TaskInputs per task, in the order given."""
+    task's view box on it with `replay`. Returns one TaskInputs per task, in the order given."""
     start, stop = tasks[0].row_start, tasks[0].row_stop
     if any((t.row_start, t.row_stop) != (start, stop) for t in tasks):
         raise ValueError(f"tasks of different row ranges cannot share a decode: {tasks}")
@@ -46,10 +47,10 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
     for sample in iter_samples(shards_dir, start, stop, manifest):
         if sample.image is None:
             continue
-        i = sample.row - start
+        i, source = sample.row - start, replay_source(sample.image, replay)  # once for every view
         for j, task in enumerate(tasks):
             box = sample_view(seed, sample.row, task.view, *sample.image.size)
-            replay_view_into(pixels[j, i], sample.image, box)
+            replay_view_into(pixels[j, i], source, box, replay)
             boxes[j, i] = box.as_array()
         valid[i] = True
     if not valid.all():  # undecodable or missing rows (a truncated shard yields none): blank pixels
@@ -57,22 +58,25 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
     return [TaskInputs(task, pixels[j], boxes[j], valid.copy()) for j, task in enumerate(tasks)]
 
 
-def decode_task(shards_dir: str, manifest: Manifest, task: Task, seed: int, img_size: int) -> TaskInputs:
+def decode_task(shards_dir: str, manifest: Manifest, task: Task, seed: int, img_size: int,
+                replay: str = DEFAULT_REPLAY) -> TaskInputs:
     """Read the task's rows sequentially, sample each row's view box and replay it."""
-    return decode_tasks(shards_dir, manifest, [task], seed, img_size)[0]
+    return decode_tasks(shards_dir, manifest, [task], seed, img_size, replay)[0]
 
 
 class ChunkDataset(Dataset):
     """Item i: the decoded inputs of every task of chunk group i (decoded in a loader worker)."""
 
-    def __init__(self, shards: str, manifest: Manifest, groups: list[list[Task]], seed: int, img_size: int) -> None:
+    def __init__(self, shards: str, manifest: Manifest, groups: list[list[Task]], seed: int, img_size: int,
+                 replay: str = DEFAULT_REPLAY) -> None:
         self.shards, self.manifest, self.groups, self.seed, self.img_size = shards, manifest, groups, seed, img_size
+        self.replay = replay
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> list[TaskInputs]:
-        return decode_tasks(self.shards, self.manifest, self.groups[i], self.seed, self.img_size)
+        return decode_tasks(self.shards, self.manifest, self.groups[i], self.seed, self.img_size, self.replay)
 
 
 class _Order(Sampler[int]):

@@ -35,7 +35,7 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
     computed here."""
     model.to(device)
     img_size = store.attrs["base_model"]["input_size"]
-    dataset = ChunkDataset(cfg.shards, manifest, groups, cfg.seed, img_size)
+    dataset = ChunkDataset(cfg.shards, manifest, groups, cfg.seed, img_size, cfg.replay)
     images, tasks, t0 = 0, 0, time.perf_counter()
 
     def admit(i: int) -> bool:

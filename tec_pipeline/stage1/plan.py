@@ -46,7 +46,7 @@ def store_attributes(cfg: CacheConfig, manifest: Manifest, ckpt: EncoderCheckpoi
                        "num_heads": arch.num_heads, "patch_size": arch.patch_size, "input_size": arch.img_size},
         "targets": {"last_layers": cfg.last_layers, "k": cfg.topk, "feature_normalisation": FEATURE_NORMALISATION,
                     "codec": cfg.codec, "precision": precision, "implementation": TARGETS_IMPLEMENTATION},
-        "views": {"count": cfg.views, **view_constants(arch.img_size, cfg.seed)},
+        "views": {"count": cfg.views, **view_constants(arch.img_size, cfg.seed, replay=cfg.replay)},
         "data": {"fingerprint": manifest.fingerprint, "rows": rows, "split": manifest.split,
                  "source": manifest.source, "limit": cfg.limit},
         "package_version": tec_pipeline.__version__,

@@ -8,13 +8,14 @@ not cross a fork).
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
 from tec_pipeline.data.shards import Sample
-from tec_pipeline.data.views import ViewBox, replay_view_uint8
+from tec_pipeline.data.views import ViewBox, recorded_replay, replay_view_uint8
 from tec_pipeline.errors import UserError
 from tec_pipeline.store.integrity import damage_explained
 from tec_pipeline.store.target_store import TargetStore
@@ -54,6 +55,11 @@ class CachedViews:
             self._store = TargetStore.open(self.store_url)
         return self._store
 
+    @cached_property
+    def replay(self) -> str:
+        """The replay stage 1 computed the targets on (pretrain refused any other before the first step)."""
+        return recorded_replay(self.store.attrs["views"])
+
     def known_valid(self) -> np.ndarray:
         return known_valid_rows(self.store, self.view_id)
 
@@ -77,7 +83,8 @@ class CachedViews:
         codec = self.store.codec
         exact16 = codec.name == "fp16"  # float16 stored: float16 carries it exactly, at half the bytes
         box = ViewBox.from_array(stored["boxes"])
-        item: dict[str, Any] = {"pixels": replay_view_uint8(sample.image, box, self.img_size), "rows": sample.row,
+        item: dict[str, Any] = {"pixels": replay_view_uint8(sample.image, box, self.img_size, self.replay),
+                                "rows": sample.row,
                                 "boxes": torch.from_numpy(stored["boxes"].astype(np.int32))}
         for key, decode in (("features", codec.features.decode), ("attention", codec.attention.decode)):
             value = torch.from_numpy(np.ascontiguousarray(decode(stored)))

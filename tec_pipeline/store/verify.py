@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from tec_pipeline.data.shards import Manifest, iter_samples, load_manifest
-from tec_pipeline.data.views import ViewBox, normalize, replay_view_uint8
+from tec_pipeline.data.views import ViewBox, normalize, recorded_replay, replay_view_uint8
 from tec_pipeline.errors import UserError
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
@@ -96,13 +96,14 @@ def recompute_check(store: TargetStore, shards: str, manifest: Manifest, count: 
     picks = [(int(rng.integers(spec.views)), int(rng.integers(spec.rows))) for _ in range(count)]
     images = _images_by_row(shards, manifest, [r for _, r in picks])
     codec, size, reasons = store.codec, attrs["base_model"]["input_size"], []
+    replay = recorded_replay(attrs["views"])  # the pixels stage 1 computed on, or one line why not here
     for view, row in tqdm(picks, desc="rows recomputed", unit="row", disable=not progress, dynamic_ncols=True,
                           leave=False):
         stored = store.read_rows(view, row, row + 1)
         if not stored["valid"][0] or images[row] is None:
             continue
         box = ViewBox.from_array(stored["boxes"][0])
-        x = normalize(replay_view_uint8(images[row], box, size)).unsqueeze(0)
+        x = normalize(replay_view_uint8(images[row], box, size, replay)).unsqueeze(0)
         with torch.no_grad():
             fresh = {k: v.numpy() for k, v in stored_targets(model, x, spec.k, attrs["targets"]["last_layers"]).items()}
         for name, part in (("features", codec.features), ("attention", codec.attention)):
