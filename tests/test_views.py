@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from tec_pipeline.data.views import REPLAYS, ViewBox, replay_source, replay_view, replay_view_uint8, sample_view
+from tec_pipeline.data.views import (
+    REPLAYS,
+    ViewBox,
+    replay_source,
+    replay_view,
+    replay_view_uint8,
+    sample_view,
+)
 from tests.conftest import sample_photos
 
 
