@@ -55,8 +55,12 @@ def test_tiny_quick_writes_every_key(tmp_path: Path) -> None:
                                     "host_path_ecq", "worker_memory"}
     host = result["host_path"]
     assert host["images"] == 32 and set(host["codecs"]) == {"fp16", "int8", "ecq"}
-    assert all(_positive(f["cpu_ms_per_view"]) and _positive(f["views_s"]) and f["views"] == 64
-               for f in host["codecs"].values())
+    runs = [*host["codecs"].values(), host["pil_replay_fp16"]]
+    assert all(_positive(f["cpu_ms_per_view"]) and _positive(f["views_s"]) and f["views"] == 64 for f in runs)
+    assert all(0 < f["device_ms_per_view"] < f["cpu_ms_per_view"] and f["host_ms_per_view"] ==
+               pytest.approx(f["cpu_ms_per_view"] - f["device_ms_per_view"]) for f in runs)  # a CPU "device" here
+    assert [f["replay"] for f in runs] == ["torch", "torch", "torch", "pil"]
+    assert result["goals"]["host_path_fp16"]["value"] == host["codecs"]["fp16"]["host_ms_per_view"]
     workers = result["worker_memory"]
     assert workers["rows_large"] == 4 * workers["rows_small"] and workers["target_bytes_per_row"] > 370_000
     assert all(_positive(workers[f"worker_own_peak_mb_{k}"]) for k in ("small", "large"))

@@ -65,8 +65,8 @@ def goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "codecs": (result["codecs"][best]["ratio_to_fp16"], result["codecs"][best]["ratio_to_fp16"] <= 0.30),
         "attention_targets": (min(f["speedup"] for f in att["batches"].values()), att["faster_at_every_batch"]),
         "memory": (mem["ratio"], mem["ratio"] <= 1.10),
-        **{f"host_path_{codec}": (result["host_path"]["codecs"][codec]["cpu_ms_per_view"],
-                                  result["host_path"]["codecs"][codec]["cpu_ms_per_view"] <= ms)
+        **{f"host_path_{codec}": (result["host_path"]["codecs"][codec]["host_ms_per_view"],
+                                  result["host_path"]["codecs"][codec]["host_ms_per_view"] <= ms)
            for codec, ms in GOALS_CPU_MS.items()},
         "worker_memory": (wm["worker_own_peak_mb_large"], wm["worker_own_peak_mb_large"] <= 500 and wm["ratio"] <= 1.10),
     }
@@ -212,11 +212,12 @@ def markdown_table(result: dict[str, Any]) -> str:
          f"{s2['epoch_start_wait']['first_steps_wait']:.3f} vs other steps {s2['epoch_start_wait']['other_steps_wait']:.3f}"
          " of the step time (cached)", "(reported)", "–"),
         ("masks per view", masks, "(reported)", "–"),
-        *[(f"stage-1 host path, {codec} (stand-in ViT-B, {hp['images']} JPEGs 500×375, V=2)",
-           f"{f['cpu_ms_per_view']:.2f} CPU-ms/view, {f['views_s']:.0f} views/s", GOALS.get(f"host_path_{codec}",
-                                                                                          "(reported)"),
-           _yes(g[f"host_path_{codec}"]["met"]) if f"host_path_{codec}" in g else "–")
-          for codec, f in hp["codecs"].items()],
+        *[(f"stage-1 host path, {codec}, {f['replay']} replay (stand-in ViT-B, {hp['images']} JPEGs 500×375, V=2)",
+           f"host {f['host_ms_per_view']:.2f} CPU-ms/view (all {f['cpu_ms_per_view']:.2f}, of which device side "
+           f"{f['device_ms_per_view']:.2f}), {f['views_s']:.0f} views/s",
+           GOALS.get(f"host_path_{codec}", "(reported)") if f["replay"] == hp["replay"] else "(reported)",
+           _yes(g[f"host_path_{codec}"]["met"]) if f"host_path_{codec}" in g and f["replay"] == hp["replay"] else "–")
+          for codec, f in [*hp["codecs"].items(), ("fp16", hp["pil_replay_fp16"])]],
     ]
     lines = ["| figure | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
