@@ -140,3 +140,16 @@ def test_measured_bytes_are_the_written_chunks() -> None:
     noisy = measure_codec("ecq", features, attention, repeats=1)["bytes_per_view"]
     flat = measure_codec("ecq", np.zeros_like(features), np.zeros_like(attention), repeats=1)["bytes_per_view"]
     assert flat < noisy / 20
+
+
+@pytest.mark.parametrize("where", [0, (1 << 15) - 1, 1 << 15, 3 * (1 << 15) + 7, -1])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float16_inputs_checked_in_every_block(where: int, bad: float) -> None:
+    """Stage 1 hands float16 (cast on the device) to the fp16 codec: a non-finite value anywhere, in any block
+    of the blocked bit check, is refused; the largest finite float16 values are not."""
+    x = np.full((2, 7, 4 * (1 << 13) + 3), 65504.0, np.float16)
+    x[0, 0, :3] = [-65504.0, 6e-8, 0.0]
+    get_codec("fp16").features.encode(x)
+    x.reshape(-1)[where] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        get_codec("fp16").features.encode(x)
