@@ -98,7 +98,8 @@ def test_fp16_and_int8_within_codec_tolerance(fp32_store: Path, fmnist_shards: P
 def test_dask_workers_write_identical_store(fp32_store: Path, fmnist_shards: Path, pico_base: Path,
                                             tmp_path: Path) -> None:
     out = tmp_path / "dask.zarr"
-    cache_targets(_cfg(fmnist_shards, pico_base, out, codec="fp32", workers=2))
+    summary = cache_targets(_cfg(fmnist_shards, pico_base, out, codec="fp32", workers=2))
+    assert summary["compute_cpu_s"] is None  # computed in the workers, not here
     ours, reference = _arrays(out), _arrays(fp32_store)
     for name in ARRAYS:
         assert np.array_equal(ours[name], reference[name]), name

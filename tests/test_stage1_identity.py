@@ -238,3 +238,19 @@ def test_resume_with_other_replay_is_refused(store: Path, fmnist_shards: Path, p
     assert _bytes(store) == before
     bad = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, store.with_name("x.zarr"), replay="simd"))
     assert bad.returncode == 2 and "simd" in bad.stderr
+
+
+def test_summary_reports_the_compute_steps_cpu(fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
+    """In process, the summary carries the CPU seconds of the compute step (what `tec bench` subtracts from the
+    host path on a CPU device): positive, and a part of the run's own CPU time."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    before = cpu()
+    summary = cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base),
+                                        out=str(tmp_path / "c.zarr"), views=2, topk=4, chunk_rows=64, batch_size=32,
+                                        codec="fp16", loader_workers=0, limit=128))
+    assert summary["images"] == 256 and 0 < summary["compute_cpu_s"] < cpu() - before

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module, manifest: Manifest,
                    groups: list[list[Task]], device: torch.device, amp: str, claims: ClaimBook,
-                   progress: bool) -> tuple[int, int]:
+                   progress: bool) -> tuple[int, int, float]:
     """Compute and write every task of `groups` not held or finished by another writer; returns (images, tasks)
-    computed here."""
+    computed here and the CPU seconds of the compute step on this thread (normalise, base model, casts, copies
+    back: on a CPU device, the work a GPU would do; `tec bench` reports the host path without it)."""
     model.to(device)
     img_size = store.attrs["base_model"]["input_size"]
     dataset = ChunkDataset(cfg.shards, manifest, groups, cfg.seed, img_size, cfg.replay)
-    images, tasks, t0 = 0, 0, time.perf_counter()
+    images, tasks, t0, compute_cpu = 0, 0, time.perf_counter(), 0.0
 
     def admit(i: int) -> bool:
         if not claims.claim(groups[i]):
@@ -55,12 +56,14 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
                                 admit=admit)
         for group in loader:
             for inputs in group:
+                started = time.thread_time()
                 result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device, amp,
                                       store.codec)
+                compute_cpu += time.thread_time() - started
                 writers.submit(inputs.task, result)
                 images, tasks = images + len(inputs.pixels), tasks + 1
                 bar.update(1)
                 lines.update(1, len(inputs.pixels))
                 bar.set_postfix(img_s=f"{images / (time.perf_counter() - t0):.0f}")
     bar.close()
-    return images, tasks
+    return images, tasks, compute_cpu

@@ -112,36 +112,38 @@ def cache_targets(cfg: CacheConfig, progress: bool = False,
                  f", {sum(map(len, mine))} on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
                  ckpt.arch.name, ckpt.fmt, ckpt.sha256[:12], amp, device_type)
         t0 = time.perf_counter()
-        images, tasks_run = _write_errors(cfg, lambda: _execute(cfg, client, model, manifest, mine, device, amp,
-                                                                ranks, progress))
+        images, tasks_run, compute_cpu = _write_errors(cfg, lambda: _execute(cfg, client, model, manifest, mine,
+                                                                             device, amp, ranks, progress))
         images, tasks_run = total(ranks, images), total(ranks, tasks_run)
         seconds = time.perf_counter() - t0
     return {"store": cfg.out, "tasks_run": tasks_run, "tasks_total": total_tasks, "images": images,
             "tasks_left_to_other_writers": sum(map(len, groups)) - tasks_run,
             "seconds": seconds, "img_s": images / seconds if seconds > 0 else 0.0, "rank": ranks.rank,
-            "world": ranks.world, "precision": precision, "config": to_plain(dataclasses.asdict(cfg))}
+            "world": ranks.world, "precision": precision,
+            "compute_cpu_s": compute_cpu, "config": to_plain(dataclasses.asdict(cfg))}
 
 
 def _execute(cfg: CacheConfig, client: Any, model: Any, manifest: Manifest, groups: list[list[Task]],
-             device: Any, amp: str, ranks: Ranks, progress: bool) -> tuple[int, int]:
-    """(images, tasks) computed by this process's executor over `groups` (claimed group by group); tasks
-    another live writer holds are left to it."""
+             device: Any, amp: str, ranks: Ranks, progress: bool) -> tuple[int, int, float | None]:
+    """(images, tasks) computed by this process's executor over `groups` (claimed group by group), and this
+    process's CPU seconds in the compute step (None on dask: its workers compute); tasks another live writer
+    holds are left to it."""
     if not groups:
-        return 0, 0  # a rank beyond the pending groups simply finishes
+        return 0, 0, 0.0  # a rank beyond the pending groups simply finishes
     if client is not None:
         from tec_pipeline.stage1.cluster import run_on_dask
 
-        return run_on_dask(client, cfg, groups, progress)
+        return *run_on_dask(client, cfg, groups, progress), None
     from tec_pipeline.stage1.local import run_in_process
 
     store = TargetStore.open(cfg.out, mode="r+")
     claims = ClaimBook(local_root(cfg.out))
     try:
-        images, tasks = run_in_process(cfg, store, model, manifest, groups, device, amp, claims,
-                                       progress and ranks.is_main)
+        images, tasks, compute_cpu = run_in_process(cfg, store, model, manifest, groups, device, amp, claims,
+                                                    progress and ranks.is_main)
     finally:
         claims.close()
     if claims.refused:
         log.warning("%d tasks were left to another live writer on %s (claimed); rerun after it ends to check",
                     claims.refused, cfg.out)
-    return images, tasks
+    return images, tasks, compute_cpu
