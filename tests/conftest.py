@@ -25,6 +25,25 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
+# The suite runs on pytest-xdist workers (`make test`: -n 2 --dist worksteal), which take tests in collection order:
+# the longest test goes first so that it overlaps everything else instead of starting last and running alone.
+RUN_FIRST = ("tests/test_reproduce.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(RUN_FIRST))  # stable: the rest keep their order
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1, for a server a test starts (never a fixed one: xdist workers run side by
+    side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 Fashion-MNIST training images in 3 shards (seed 0)."""

@@ -26,6 +26,7 @@ from tec_pipeline.store.target_store import TargetStore
 from tec_pipeline.train.pretrain import store_mismatches
 from tests.conftest import (
     assert_one_line_error,
+    free_port,
     needs_fashion_mnist,
     run_tec,
     tec_in_process,
@@ -116,7 +117,7 @@ def test_two_process_torchrun_matches_one_process(store: Path, fmnist_shards: Pa
     args[args.index("--batch-size") + 1] = "16"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29517", "cli.py", *args], capture_output=True, text=True, env=env, timeout=300)
+                           str(free_port()), "cli.py", *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [ln for ln in proc.stdout.splitlines() if "optimizer steps" in ln]
     assert steps, proc.stdout
