@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_fashion_mnist, run_tec
+from tests.conftest import free_port, needs_fashion_mnist, run_tec
 
 PIPELINE_ORDER = ["make-shards", "index-shards", "mae-pretrain", "cache-targets", "inspect", "verify", "pretrain",
                   "convert", "linprobe", "knn", "frozen-eval", "finetune", "bench", "report"]
@@ -31,12 +30,6 @@ def test_verbose_does_not_flood_with_pil_debug_lines(image_folder: Path, tmp_pat
     assert len(lines) < 20, proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_only_rank_zero_logs_info_under_torchrun(fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
@@ -45,7 +38,7 @@ def test_only_rank_zero_logs_info_under_torchrun(fmnist_shards: Path, pico_base:
             str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16", "--limit", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TEC_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "cli.py", *args],
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "cli.py", *args],
                           capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr

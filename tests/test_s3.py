@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from tec_pipeline.store.target_store import TargetStore
 from tests.conftest import (
     SLOW_WRITER,
     assert_one_line_error,
+    free_port,
     kill_half_way,
     needs_fashion_mnist,
     tec_in_process,
@@ -42,12 +42,6 @@ BUCKET = "tec-test"
 ARRAYS = ("features", "attention", "topk_index", "boxes", "valid", "done")
 STAGE1 = ["--views", "2", "--topk", "4", "--chunk-rows", "64", "--batch-size", "32", "--codec", "fp32"]
 SETUP_ACTIONS = 4  # create user, put its policy, create its key, create the bucket: then authentication is on
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3:
@@ -87,7 +81,7 @@ def _start_moto(port: int) -> subprocess.Popen[bytes]:
 def s3() -> Iterator[S3]:
     import boto3
 
-    port = _free_port()
+    port = free_port()
     proc = _start_moto(port)
     try:
         endpoint = f"http://127.0.0.1:{port}"
@@ -324,7 +318,7 @@ def test_bad_location_is_one_line_naming_the_url(case: str, side: str, s3: S3, s
     args = {"shards": ["cache-targets", "--shards", bad, "--base-model", str(pico_base), "--out", str(local_out)],
             "store": ["cache-targets", "--shards", s3_shards, "--base-model", str(pico_base), "--out", bad],
             "make-shards": ["make-shards", "fashion-mnist", "--limit", "10", "--out", bad]}[side]
-    dead = _free_port()
+    dead = free_port()
     for name, value in env.items():
         monkeypatch.setenv(name, value.format(dead=dead))
     proc = tec_in_process(capfd, *args, *[flag.format(key=s3.key) for flag in flags])

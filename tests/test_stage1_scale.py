@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import zarr
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.store.integrity import check_integrity
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import SLOW_WRITER, assert_one_line_error, needs_fashion_mnist, tec_in_process
+from tests.conftest import SLOW_WRITER, assert_one_line_error, free_port, needs_fashion_mnist, tec_in_process
 
 pytestmark = needs_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +50,6 @@ def _assert_same_arrays(ours: Path, reference: Path) -> None:
         assert np.array_equal(a[name][...], b[name][...]), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _processes() -> Iterator[list[subprocess.Popen]]:
     """Processes started in their own session; each killed (its group, by pid) on the way out."""
@@ -80,7 +73,7 @@ def _start(procs: list[subprocess.Popen], argv: list[str], cwd: Path = ROOT, env
 
 def _torchrun(procs: list[subprocess.Popen], ranks: int, argv: list[str]) -> subprocess.Popen:
     return _start(procs, [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks),
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "cli.py", *argv])
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "cli.py", *argv])
 
 
 @pytest.mark.slow
@@ -169,7 +162,7 @@ def test_cleanup_keeps_a_live_writers_partial_files(reference: Path, tmp_path: P
 def test_dask_external_cluster_relative_paths_from_another_directory(
         reference: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
     dask = str(Path(sys.executable).with_name("dask"))
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -191,7 +184,7 @@ def test_scheduler_that_does_not_answer_fails_before_any_store(fmnist_shards: Pa
                                                                tmp_path: Path,
                                                                capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "never.zarr"
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     proc = tec_in_process(capfd, *_argv(fmnist_shards, pico_base, out, scheduler=address))
     assert_one_line_error(proc)
     assert address in proc.stderr and "did not answer" in proc.stderr

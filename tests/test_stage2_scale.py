@@ -19,7 +19,7 @@ import zarr
 from tec_pipeline.data.loader import plan_epoch
 from tec_pipeline.data.shards import load_manifest
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tests.conftest import needs_fashion_mnist
+from tests.conftest import free_port, needs_fashion_mnist
 
 pytestmark = needs_fashion_mnist
 CHUNK, BATCH, SEED = 32, 16, 3
@@ -53,14 +53,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str) -> list[str]:

@@ -16,6 +16,7 @@ from tec_pipeline.train import checkpoint as ckpt_io
 from tec_pipeline.train.loop import LoopConfig, NonFiniteLossError, run_training
 from tec_pipeline.train.optim import weight_decay_groups
 from tec_pipeline.train.schedule import absolute_lr, effective_batch, lr_at, lr_at_step
+from tests.conftest import free_port
 
 
 class Toy(nn.Module):
@@ -195,14 +196,6 @@ def test_accumulation_equals_larger_batch(tmp_path):
     assert math.isclose(absolute_lr(10.0, effective_batch(b, 2, 1)), absolute_lr(10.0, effective_batch(2 * b, 1, 1)))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _quarters(epoch: int, step: int, b: int) -> list[dict[str, torch.Tensor]]:
     big = big_batch(epoch, step, 4 * b)
     return [{k: v[q * b:(q + 1) * b] for k, v in big.items()} for q in range(4)]
@@ -236,7 +229,7 @@ def test_ddp_with_accumulation_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     b = 3
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), b), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), b), nprocs=2, join=True)
     single = Linear()
     run_training(single, lambda e, s: (_quarters(e, i // 4, b)[i % 4] for i in range(s, 12)), 12,
                  LoopConfig(epochs=2, batch_size=b, accum=4, blr=10.0, warmup_epochs=0.5, save_every=0),
