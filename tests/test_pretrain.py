@@ -28,7 +28,6 @@ from tests.conftest import (
     assert_one_line_error,
     free_port,
     needs_fashion_mnist,
-    run_tec,
     tec_in_process,
     tensorboard_scalars,
 )
@@ -79,15 +78,23 @@ def _pretrain_args(shards: Path, out: Path, source: list[str], *extra: str) -> l
             "--blr", "1e-3", "--warmup-epochs", "0.5", "--seed", "3", "--deterministic", "--log-every", "1", *extra]
 
 
+def _in_process(capfd: pytest.CaptureFixture[str], *args: str) -> int:
+    """`tec ARGS` in this interpreter (a fresh one costs ~9 CPU s of imports); its exit code, stderr on failure."""
+    proc = tec_in_process(capfd, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pth", weights_only=True)["model"]
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_gives_identical_weights(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
+def test_sigkill_and_resume_gives_identical_weights(store: Path, fmnist_shards: Path, tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
     source = ["--targets", str(store)]
-    full = tmp_path / "full"
-    run_tec(*_pretrain_args(fmnist_shards, full, source), check=True)
+    full = tmp_path / "full"  # in this process: only the killed run needs one of its own
+    assert _in_process(capfd, *_pretrain_args(fmnist_shards, full, source)) == 0
     killed = tmp_path / "killed run"
     args = _pretrain_args(fmnist_shards, killed, source, "--save-every", "1")
     proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", *args], stderr=subprocess.DEVNULL,
@@ -102,16 +109,17 @@ def test_sigkill_and_resume_gives_identical_weights(store: Path, fmnist_shards: 
     proc.wait()
     position = torch.load(killed / "checkpoint.pth", weights_only=True)["data_position"]
     assert (position["epoch"], position["batch"]) < (2, 0), "the run finished before it could be killed"
-    run_tec(*args, check=True)
+    assert _in_process(capfd, *args) == 0
     a, b = _weights(full), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process(store: Path, fmnist_shards: Path, tmp_path: Path) -> None:
+def test_two_process_torchrun_matches_one_process(store: Path, fmnist_shards: Path, tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
     source = ["--targets", str(store)]
     one = tmp_path / "one"
-    run_tec(*_pretrain_args(fmnist_shards, one, source), check=True)
+    assert _in_process(capfd, *_pretrain_args(fmnist_shards, one, source)) == 0
     two = tmp_path / "two"
     args = _pretrain_args(fmnist_shards, two, source)
     args[args.index("--batch-size") + 1] = "16"
@@ -129,12 +137,13 @@ def test_two_process_torchrun_matches_one_process(store: Path, fmnist_shards: Pa
 
 
 @pytest.mark.parametrize("mode", ["cached", "online"])
-def test_loss_falls(mode: str, store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path) -> None:
+def test_loss_falls(mode: str, store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                    capfd: pytest.CaptureFixture[str]) -> None:
     source = ["--targets", str(store)] if mode == "cached" else ["--base-model", str(pico_base), "--topk", str(K)]
     out = tmp_path / mode
     args = _pretrain_args(fmnist_shards, out, source)
     args[args.index("--epochs") + 1] = "4"
-    run_tec(*args, check=True)
+    assert _in_process(capfd, *args) == 0
     rows = [ln.split(",") for ln in (out / "metrics.csv").read_text().splitlines()[1:]]
     losses = np.array([float(r[3]) for r in rows])
     assert losses[-5:].mean() < 0.9 * losses[:5].mean(), losses
