@@ -25,7 +25,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-# The suite runs on pytest-xdist workers (`make test`: -n 2 --dist worksteal), which take tests in collection order:
+# The suite runs on pytest-xdist workers (`make test`: -n 3 --dist worksteal), which take tests in collection order:
 # the longest test goes first so that it overlaps everything else instead of starting last and running alone.
 RUN_FIRST = ("tests/test_reproduce.py",)
 

@@ -42,11 +42,11 @@ def _bytes(url: Path) -> dict[str, bytes]:
 
 
 def test_store_records_precision_device_and_replay(store: Path) -> None:
-    from tec_pipeline.data.views import REPLAY
+    from tec_pipeline.data.views import DEFAULT_REPLAY, REPLAYS
 
     attrs = TargetStore.open(store).attrs
     assert attrs["targets"]["precision"] == {"autocast": "none", "device_type": "cpu"}
-    assert attrs["views"]["replay"] == REPLAY
+    assert attrs["views"]["replay"] == REPLAYS[DEFAULT_REPLAY]
 
 
 @pytest.mark.parametrize("flags, message", [({"amp": "fp16"}, "--amp fp16 needs a CUDA device"),

@@ -15,6 +15,7 @@ from tec_pipeline.data.views import (
     ViewBox,
     replay_source,
     replay_view,
+    replay_view_into,
     replay_view_uint8,
     sample_view,
 )
@@ -84,7 +85,8 @@ def test_replay_flip_mirrors_pixels(replay: str) -> None:
 
 def test_torch_replay_is_the_reference_filter_within_rounding() -> None:
     """The torch replay is the same bicubic antialiased resize as PIL's, differing only in integer rounding:
-    a few grey levels (4 at most measured), on a few per cent of the values, over downscaled and upscaled crops of photos."""
+    a few grey levels (4 at most measured), on a few per cent of the values, over downscaled and upscaled crops of
+    photos."""
     diffs = []
     for i, photo in enumerate(sample_photos()[:4]):
         for view in range(4):
@@ -106,7 +108,6 @@ def test_torch_replay_source_is_shared_by_views() -> None:
     for view in range(3):
         box = sample_view(1, 9, view, photo.width, photo.height)
         into = replay_view_uint8(photo, box, 32, "torch")
-        from tec_pipeline.data.views import replay_view_into
         assert torch.equal(replay_view_into(torch.empty(3, 32, 32, dtype=torch.uint8), source, box, "torch"), into)
     with pytest.raises(ValueError, match="unknown replay"):
         replay_source(photo, "simd")

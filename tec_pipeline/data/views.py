@@ -10,9 +10,10 @@ the recorded one and refuse a store whose record this installation cannot reprod
 - `pil`: PIL crop + `resize(BICUBIC)`, exactly the reference pipeline (torchvision RandomResizedCrop on PIL).
 - `torch`: the decoded image as a uint8 tensor, a slice for the crop, `F.interpolate(bicubic, antialias=True)`
   on uint8 (torch's integer kernel, the pillow-simd port). About 3x cheaper than PIL's resize on 500x375 photos
-  (README "The host path"); the same filter, so it differs from `pil` only in rounding: by 1–3 grey levels on 1.9 % of
-  the values of 64 500x375 photos at 224 px, at most 4 on scikit-image's photos. Its output does not depend on the thread count or on ATen's CPU dispatch (default, AVX2,
-  AVX512 gave identical bytes), so a store made on one host replays on another with the same versions.
+  (README "The host path"); the same filter, so it differs from `pil` only in rounding: by 1–3 grey levels on
+  1.9 % of the values of 64 500x375 photos at 224 px, at most 4 on scikit-image's photos. Its output does not
+  depend on the thread count or on ATen's CPU dispatch (default, AVX2, AVX512 gave identical bytes), so a store
+  made on one host replays on another with the same versions.
 Measured and not used (pixels differ between calls or from the record): one `Image.resize(size, BICUBIC,
 box=...)` call (3 of 200 views equal `pil`: the filter reads outside the box), JPEG draft mode (DCT scaling
 changes the decoded image), pillow-simd (another build of PIL).
@@ -43,7 +44,6 @@ REPLAYS = {
               "torch": torch.__version__, "pillow": PIL.__version__},  # PIL still decodes
 }
 DEFAULT_REPLAY = "pil"  # the reference pipeline's own pixels; every figure in the README was made with it
-REPLAY = REPLAYS[DEFAULT_REPLAY]
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,12 @@ def _center_fallback(width: int, height: int, ratio: tuple[float, float]) -> tup
 
 def replay_source(image: Image.Image, replay: str = DEFAULT_REPLAY) -> Image.Image | torch.Tensor:
     """What `replay` reads a view's pixels from, made once per image and shared by all its views: the PIL image
-    itself, or (torch) its pixels as a uint8 [3, H, W] tensor over one HWC copy (the crop is then a slice)."""
+    itself, or (torch) its pixels as a uint8 [3, H, W] tensor over one HWC copy (the crop is then a slice).
+    `image` is RGB, as the shard decoder hands every image out."""
     if replay == "pil":
         return image
     if replay == "torch":
-        return torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
     raise ValueError(f"unknown replay {replay!r}; one of {', '.join(REPLAYS)}")
 
 
