@@ -19,6 +19,7 @@ from tec_pipeline.data.views import (
     replay_view_uint8,
     sample_view,
 )
+from tec_pipeline.errors import UserError
 from tests.conftest import sample_photos
 
 
@@ -111,3 +112,15 @@ def test_torch_replay_source_is_shared_by_views() -> None:
         assert torch.equal(replay_view_into(torch.empty(3, 32, 32, dtype=torch.uint8), source, box, "torch"), into)
     with pytest.raises(ValueError, match="unknown replay"):
         replay_source(photo, "simd")
+
+
+def test_earlier_torch_replay_record_still_reads() -> None:
+    """Stores of the torch replay v1 (PIL decoded every image, as stage 2 still does) replay here; v2 records
+    simplejpeg, and an unknown record is refused."""
+    from tec_pipeline.data.views import READABLE_RECORDS, REPLAYS, recorded_replay
+
+    assert REPLAYS["torch"]["version"] == 2 and "simplejpeg" in REPLAYS["torch"]
+    assert recorded_replay({"replay": READABLE_RECORDS["torch"][0]}) == "torch"
+    assert recorded_replay({"replay": REPLAYS["torch"]}) == "torch"
+    with pytest.raises(UserError, match="re-run tec cache-targets"):
+        recorded_replay({"replay": {**REPLAYS["torch"], "simplejpeg": "simplejpeg 0.0"}})

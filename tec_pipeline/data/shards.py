@@ -261,8 +261,13 @@ def count_tar_samples(path: str | os.PathLike[str], skipped: list[str] | None = 
     return sum(1 for _ in iter_tar_samples(path, wanted=lambda _: False, skipped=skipped))
 
 
+def image_field(fields: dict[str, bytes]) -> str | None:
+    """The extension of the field a sample's image is decoded from (the first of IMAGE_EXTS it has)."""
+    return next((e for e in IMAGE_EXTS if e in fields), None)
+
+
 def _to_sample(row: int, key: str, fields: dict[str, bytes]) -> Sample:
-    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    ext = image_field(fields)
     image = _decode_image(fields[ext], key) if ext else None
     label = int(fields["cls"]) if "cls" in fields and fields["cls"].strip().lstrip(b"-").isdigit() else None
     return Sample(row, key, image, label)
@@ -306,15 +311,23 @@ def iter_shard_rows(directory: str | os.PathLike[str], shard: ShardInfo, start: 
         yield Sample(row, key, None, None) if fields is None else decode_fields(row, key, fields)
 
 
-def iter_samples(directory: str | os.PathLike[str], start_row: int = 0, stop_row: int | None = None,
-                 manifest: Manifest | None = None) -> Iterator[Sample]:
-    """Samples in manifest (row) order from `start_row` (inclusive) to `stop_row` (exclusive)."""
+def iter_fields(directory: str | os.PathLike[str], start_row: int = 0, stop_row: int | None = None,
+                manifest: Manifest | None = None) -> Iterator[tuple[int, str | None, dict[str, bytes] | None]]:
+    """(row, key, encoded fields) in manifest (row) order over [start_row, stop_row), nothing decoded; rows of a
+    missing tail come as (row, None, None). For a caller that decodes itself (stage 1's torch replay)."""
     manifest = manifest or load_manifest(directory)
     stop_row = manifest.total_rows if stop_row is None else stop_row
     for shard in manifest.shards:
         if shard.first_row + shard.count <= start_row or shard.first_row >= stop_row:
             continue
-        yield from iter_shard_rows(directory, shard, start_row, stop_row)
+        yield from iter_shard_fields(directory, shard, start_row, stop_row)
+
+
+def iter_samples(directory: str | os.PathLike[str], start_row: int = 0, stop_row: int | None = None,
+                 manifest: Manifest | None = None) -> Iterator[Sample]:
+    """Samples in manifest (row) order from `start_row` (inclusive) to `stop_row` (exclusive)."""
+    for row, key, fields in iter_fields(directory, start_row, stop_row, manifest):
+        yield decode_fields(row, key, fields)
 
 
 def index_shards(directory: str | os.PathLike[str], class_names: list[str] | None = None,

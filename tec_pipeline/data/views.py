@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tec_pipeline.data.jpeg import DECODER as JPEG_DECODER
 from tec_pipeline.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,8 +41,17 @@ EVAL_CROP_FRACTION = 0.875  # resize shorter side to size / 0.875, centre-crop s
 # bump a `version` whenever replay_view_into can give other pixels for the same box and image
 REPLAYS = {
     "pil": {"implementation": "PIL crop, resize BICUBIC, mirror", "version": 1, "pillow": PIL.__version__},
-    "torch": {"implementation": "uint8 tensor crop, torch interpolate bicubic antialias, mirror", "version": 1,
-              "torch": torch.__version__, "pillow": PIL.__version__},  # PIL still decodes
+    # stage 1 decodes clean JPEGs with simplejpeg (data/jpeg.py: the same libjpeg-turbo pixels as PIL's, without
+    # PIL's copy-out); stage 2 and verify decode with PIL, which gives them the same pixels
+    "torch": {"implementation": "JPEG by simplejpeg (else PIL), uint8 tensor crop, torch interpolate bicubic "
+                                "antialias, mirror", "version": 2,
+              "torch": torch.__version__, "pillow": PIL.__version__, "simplejpeg": JPEG_DECODER},
+}
+# Earlier records whose pixels this installation still reproduces: torch v1 decoded every image with PIL, as
+# stage 2 does now
+READABLE_RECORDS = {
+    "torch": [{"implementation": "uint8 tensor crop, torch interpolate bicubic antialias, mirror", "version": 1,
+               "torch": torch.__version__, "pillow": PIL.__version__}],
 }
 DEFAULT_REPLAY = "pil"  # the reference pipeline's own pixels; every figure in the README was made with it
 
@@ -102,14 +112,15 @@ def _center_fallback(width: int, height: int, ratio: tuple[float, float]) -> tup
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def replay_source(image: Image.Image, replay: str = DEFAULT_REPLAY) -> Image.Image | torch.Tensor:
+def replay_source(image: Image.Image | np.ndarray, replay: str = DEFAULT_REPLAY) -> Image.Image | torch.Tensor:
     """What `replay` reads a view's pixels from, made once per image and shared by all its views: the PIL image
-    itself, or (torch) its pixels as a uint8 [3, H, W] tensor over one HWC copy (the crop is then a slice).
-    `image` is RGB, as the shard decoder hands every image out."""
+    itself, or (torch) its pixels as a uint8 [3, H, W] tensor over one HWC array (the crop is then a slice).
+    `image` is RGB, as the shard decoder hands every image out; the torch replay also takes the decoded RGB
+    array [H, W, 3] itself (stage 1's JPEGs, data/jpeg.py)."""
     if replay == "pil":
         return image
     if replay == "torch":
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return torch.from_numpy(image if isinstance(image, np.ndarray) else np.array(image)).permute(2, 0, 1)
     raise ValueError(f"unknown replay {replay!r}; one of {', '.join(REPLAYS)}")
 
 
@@ -169,8 +180,13 @@ def view_constants(size: int, seed: int, scale: tuple[float, float] = DEFAULT_SC
                    replay: str = DEFAULT_REPLAY) -> dict:
     """What a store records so that a later replay is known to reproduce the same pixels."""
     return {"size": size, "seed": seed, "scale": list(scale), "ratio": list(ratio), "flip_prob": flip_prob,
-            "interpolation": "PIL.BICUBIC", "pil_version": PIL.__version__, "decoder": f"PIL {PIL.__version__}",
+            "interpolation": "PIL.BICUBIC", "pil_version": PIL.__version__, "decoder": _decoder(replay),
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "replay": dict(REPLAYS[replay])}
+
+
+def _decoder(replay: str) -> str:
+    pil = f"PIL {PIL.__version__}"
+    return f"{JPEG_DECODER} for clean JPEGs, {pil} otherwise" if replay == "torch" else pil
 
 
 def recorded_replay(views_attrs: dict) -> str:
@@ -178,7 +194,7 @@ def recorded_replay(views_attrs: dict) -> str:
     installation cannot reproduce them."""
     stored = views_attrs.get("replay")
     for name, record in REPLAYS.items():
-        if stored == record:
+        if stored == record or stored in READABLE_RECORDS.get(name, []):
             return name
     raise UserError(f"its views were replayed by {stored or 'an unrecorded replay (made before replay versions)'}, "
                     f"and this installation replays with {' or '.join(map(str, REPLAYS.values()))}; re-run tec "

@@ -250,7 +250,7 @@ def _timm_filtered(state_dict: dict[str, Any], arch: ViTArch, path: Path, arch_f
         raise UserError(f"{path} has {weight.shape[-1]}-pixel patches, the architecture {arch.name} has "
                         f"{arch.patch_size} (wrong file or wrong {arch_flag}?)")
     with torch.device("meta"):
-        model = build_vit(arch)
+        model = build_vit(arch, init=False)
     pos = state_dict.get("pos_embed")
     if isinstance(pos, torch.Tensor) and pos.shape != model.pos_embed.shape and _weights_grid(state_dict, arch) is None:
         raise UserError(f"{path}: pos_embed {tuple(pos.shape)} is no square patch grid that timm could resample to "
@@ -332,8 +332,8 @@ def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | ViTArch | 
     raw = _strip_wrappers(raw)
     resolved = dataclasses.replace(resolved, source_grid=_weights_grid(raw, resolved) or resolved.source_grid)
     mapped = _timm_filtered(raw, resolved, path, arch_flag)
-    with torch.device("meta"):  # names and shapes only; no memory, no init cost
-        expected = build_vit(resolved).state_dict()
+    with torch.device("meta"):  # names and shapes only: no memory, and no initialisation to run
+        expected = build_vit(resolved, init=False).state_dict()
     state_dict = check_encoder_keys(mapped, expected, path, arch_flag)
     grid = f", pos_embed resampled {resolved.source_grid}² -> {resolved.grid_size}²" if resolved.source_grid else ""
     log.info("base model %s: format %s, arch %s at %d px%s", path, fmt, resolved.name, resolved.img_size, grid)
@@ -355,8 +355,10 @@ def load_encoder(path: str | os.PathLike[str], arch: str | ViTArch | None = None
     Keys the checkpoint lacks (only allow-listed ones: the final norm) keep timm's initialisation.
     """
     ckpt = read_encoder_checkpoint(path, arch, arch_flag, input_size)
+    # the checkpoint's weights replace timm's initialisation, so none is run; the only keys it may lack (the
+    # final norm) are set by LayerNorm's constructor either way
     with torch.random.fork_rng():  # loading a model must not shift the caller's random stream
-        model = build_vit(ckpt.arch)
+        model = build_vit(ckpt.arch, init=False)
     result = model.load_state_dict(ckpt.state_dict, strict=False)
     # read_encoder_checkpoint already refused anything else; this guards the check itself.
     assert not result.unexpected_keys and all(k.startswith(ALLOWED_MISSING) for k in result.missing_keys)

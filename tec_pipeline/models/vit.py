@@ -270,11 +270,17 @@ def plain_arch(arch: ViTArch) -> ViTArch:
                                source_grid=None)
 
 
-def build_vit(arch: ViTArch, num_classes: int = 0, **overrides: Any) -> VisionTransformer:
-    """A timm VisionTransformer for `arch` (LayerNorm eps 1e-6, as every timm ViT)."""
+def build_vit(arch: ViTArch, num_classes: int = 0, init: bool = True, **overrides: Any) -> VisionTransformer:
+    """A timm VisionTransformer for `arch` (LayerNorm eps 1e-6, as every timm ViT).
+
+    init=False skips timm's weight initialisation (`weight_init='skip'`; the layers' own constructors still
+    run, LayerNorm at ones and zeros): for a model whose weights are loaded next, or names and shapes on the
+    meta device, where the initialisation runs through Python decompositions (ViT-B: 2.0 -> 1.05 s on CPU,
+    0.19 -> 0.08 s on meta; tec_micro on meta 0.115 -> 0.02 s).
+    """
     import timm
 
-    kwargs = {**arch.timm_kwargs(), **overrides}
+    kwargs = {**arch.timm_kwargs(), **({} if init else {"weight_init": "skip"}), **overrides}
     return timm.create_model(arch.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
