@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tec_pipeline.errors import UserError
-from tec_pipeline.store.codecs import ArrayLayout, get_codec
+from tec_pipeline.store.codecs import ArrayLayout, TensorCodec, get_codec
 
 FORMAT_VERSION = 1
 
@@ -118,6 +119,8 @@ def check_task_rows(spec: StoreSpec, task: Task, **inputs: np.ndarray) -> dict[s
     }
     out: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in wanted.items():
+        if name not in inputs:  # a target handed over already encoded (check_encoded_rows)
+            continue
         value = np.asarray(inputs[name])
         if value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}, expected {shape} for {task}")
@@ -131,3 +134,23 @@ def check_task_rows(spec: StoreSpec, task: Task, **inputs: np.ndarray) -> dict[s
                 raise ValueError(f"{name} must lie in {lo}..{hi}")  # checked before the cast can wrap
         out[name] = value.astype(dtype, copy=False)  # a task can be hundreds of MB: no needless copies
     return out
+
+
+def check_encoded_rows(part: TensorCodec, trailing: tuple[int, ...], arrays: Mapping[str, np.ndarray],
+                       valid: np.ndarray, what: str) -> dict[str, np.ndarray]:
+    """A target handed over already encoded by `part` (stage 1 quantises on the device): exactly the part's
+    arrays, each [n, ...] in its stored dtype, and the invalid rows the encoding of zeros (what check_task_rows
+    makes of a raw target's invalid rows)."""
+    layouts = part.layouts(trailing, tuple(f"d{i}" for i in range(len(trailing))))
+    if set(arrays) != {layout.name for layout in layouts}:
+        raise ValueError(f"{what} encoded as {sorted(arrays)}, the codec stores {[lay.name for lay in layouts]}")
+    for layout in layouts:
+        value = arrays[layout.name]
+        if value.shape != (len(valid), *layout.trailing) or value.dtype != np.dtype(layout.dtype):
+            raise ValueError(f"{layout.name} is {value.dtype} {value.shape}, expected {layout.dtype} "
+                             f"{(len(valid), *layout.trailing)}")
+    if not valid.all():
+        zeros = part.encode(np.zeros((int((~valid).sum()), *trailing), dtype=np.float32))
+        if any(not np.array_equal(arrays[name][~valid], value) for name, value in zeros.items()):
+            raise ValueError(f"{what}: the invalid rows must be encoded zeros")
+    return dict(arrays)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from tec_pipeline.errors import UserError
 from tec_pipeline.store.attributes import OWNED_ATTRS, VOLATILE_ATTRS, attr_diff, plain_attrs
 from tec_pipeline.store.cleanup import remove_torn_writes
 from tec_pipeline.store.codecs import Codec, create_array, get_codec, layout_mismatch
-from tec_pipeline.store.layout import FORMAT_VERSION, StoreSpec, Task, check_task_rows
+from tec_pipeline.store.layout import FORMAT_VERSION, StoreSpec, Task, check_encoded_rows, check_task_rows
 
 
 def zarr_store(url: str, read_only: bool) -> Store:
@@ -202,21 +202,28 @@ class TargetStore:
     def is_done(self, task: Task) -> bool:
         return bool(self._array("done")[task.view, task.index])
 
-    def write_task(self, task: Task, features: np.ndarray, attention: np.ndarray, topk_index: np.ndarray,
-                   boxes: np.ndarray, valid: np.ndarray) -> None:
+    def write_task(self, task: Task, features: np.ndarray | Mapping[str, np.ndarray],
+                   attention: np.ndarray | Mapping[str, np.ndarray], topk_index: np.ndarray, boxes: np.ndarray,
+                   valid: np.ndarray) -> None:
         """Write one task's rows (whole chunks), then mark it done.
 
         features: float32 (or float16) [n, L, D] normalised; attention: float [n, 1+k, H, L] logits; topk_index: int [n, k]
         in 0..L-1; boxes: int [n, 5] (top, left, height, width, flip); valid: bool [n]; n = task.rows.
-        Invalid rows are stored as zeros whatever the inputs hold.
+        Invalid rows are stored as zeros whatever the inputs hold. features and attention may also come encoded
+        (the codec part's arrays, as `TensorCodec.encode` returns them: stage 1 quantises on the device).
         """
         if self.mode != "r+":
             raise ValueError(f"{self} is open read-only")
         spec, codec = self.spec, self.codec
-        rows = check_task_rows(spec, task, features=features, attention=attention, topk_index=topk_index,
-                          boxes=boxes, valid=valid)
-        encoded = {**codec.features.encode(rows.pop("features")), **codec.attention.encode(rows.pop("attention")),
-                   **rows}
+        targets = {"features": (features, codec.features, (spec.patches, spec.dim)),
+                   "attention": (attention, codec.attention, (spec.queries, spec.heads, spec.patches))}
+        raw = {name: value for name, (value, _, _) in targets.items() if not isinstance(value, Mapping)}
+        rows = check_task_rows(spec, task, topk_index=topk_index, boxes=boxes, valid=valid, **raw)
+        encoded = {}
+        for name, (value, part, trailing) in targets.items():
+            encoded.update(part.encode(rows.pop(name)) if name in raw
+                           else check_encoded_rows(part, trailing, value, rows["valid"], name))
+        encoded.update(rows)
         # the view axis kept (1, rows, ...): a value of exactly the chunk's shape is taken as the chunk as it is;
         # with the axis dropped Zarr fills a new chunk and copies the value into it (two passes over 77 MB per
         # ViT-B fp16 task; 1.2 -> ~0.9 CPU-ms per view). The same bytes are stored either way.
