@@ -225,6 +225,7 @@ def iter_unit_batches(shards_dir: str | Path, plan: UnitPlan, skip: int, item_fn
     """
     size, known = plan.batch_size, bool(getattr(item_fn, "validity_known", False))
     stored_fn = getattr(item_fn, "stored", None)
+    decode = getattr(item_fn, "decode", decode_fields)  # an item function may decode its own way (CachedViews)
     stream, need = plan.stream.tolist(), plan.n_batches * size
     emitted = start = skip * size if known else 0  # items made so far, skipped batches included
     wanted = set(stream[start:])
@@ -240,7 +241,7 @@ def iter_unit_batches(shards_dir: str | Path, plan: UnitPlan, skip: int, item_fn
                 next_row = stream[position]
                 position += 1
                 key_, fields_, stored = pending.pop(next_row)
-                sample = decode_fields(next_row, key_, fields_)
+                sample = decode(next_row, key_, fields_)
                 item = _emit(item_fn, sample, stored, stored_fn is not None)
                 if item is None:
                     continue

@@ -41,14 +41,14 @@ EVAL_CROP_FRACTION = 0.875  # resize shorter side to size / 0.875, centre-crop s
 # bump a `version` whenever replay_view_into can give other pixels for the same box and image
 REPLAYS = {
     "pil": {"implementation": "PIL crop, resize BICUBIC, mirror", "version": 1, "pillow": PIL.__version__},
-    # stage 1 decodes clean JPEGs with simplejpeg (data/jpeg.py: the same libjpeg-turbo pixels as PIL's, without
-    # PIL's copy-out); stage 2 and verify decode with PIL, which gives them the same pixels
+    # stages 1 and 2 decode clean JPEGs with simplejpeg (data/jpeg.py: the same libjpeg-turbo pixels as PIL's,
+    # without PIL's copy-out); verify decodes with PIL, which gives it the same pixels
     "torch": {"implementation": "JPEG by simplejpeg (else PIL), uint8 tensor crop, torch interpolate bicubic "
                                 "antialias, mirror", "version": 2,
               "torch": torch.__version__, "pillow": PIL.__version__, "simplejpeg": JPEG_DECODER},
 }
-# Earlier records whose pixels this installation still reproduces: torch v1 decoded every image with PIL, as
-# stage 2 does now
+# Earlier records whose pixels this installation still reproduces: torch v1 decoded every image with PIL,
+# whose pixels simplejpeg's equal
 READABLE_RECORDS = {
     "torch": [{"implementation": "uint8 tensor crop, torch interpolate bicubic antialias, mirror", "version": 1,
                "torch": torch.__version__, "pillow": PIL.__version__}],
@@ -144,7 +144,8 @@ def replay_view_into(out: torch.Tensor, source: Image.Image | torch.Tensor, box:
     return out.copy_(torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1))
 
 
-def replay_view_uint8(image: Image.Image, box: ViewBox, size: int, replay: str = DEFAULT_REPLAY) -> torch.Tensor:
+def replay_view_uint8(image: Image.Image | np.ndarray, box: ViewBox, size: int,
+                      replay: str = DEFAULT_REPLAY) -> torch.Tensor:
     """The view's pixels before normalisation: uint8 [3, size, size]."""
     return replay_view_into(torch.empty(3, size, size, dtype=torch.uint8), replay_source(image, replay), box, replay)
 

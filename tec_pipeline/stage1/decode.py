@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from tec_pipeline.data.jpeg import JPEG_EXTS, decode_jpeg_rgb
-from tec_pipeline.data.shards import Manifest, decode_fields, image_field, iter_fields
+from tec_pipeline.data.jpeg import decode_for_replay, image_size
+from tec_pipeline.data.shards import Manifest, iter_fields
 from tec_pipeline.data.views import DEFAULT_REPLAY, replay_source, replay_view_into, sample_view
 from tec_pipeline.store.layout import Task
 
@@ -49,30 +48,18 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
     boxes = np.zeros((len(tasks), n, 5), dtype=np.int32)
     valid = np.zeros(n, dtype=bool)
     for row, key, fields in iter_fields(shards_dir, start, stop, manifest):
-        image = _decoded(row, key, fields, replay)
+        image = decode_for_replay(row, key, fields, replay).image
         if image is None:
             continue
         i, source = row - start, replay_source(image, replay)  # once for every view
-        width, height = (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
         for j, task in enumerate(tasks):
-            box = sample_view(seed, row, task.view, width, height)
+            box = sample_view(seed, row, task.view, *image_size(image))
             replay_view_into(pixels[j, i], source, box, replay)
             boxes[j, i] = box.as_array()
         valid[i] = True
     if not valid.all():  # undecodable or missing rows (a truncated shard yields none): blank pixels
         pixels[:, torch.from_numpy(~valid)] = 0
     return [TaskInputs(task, pixels[j], boxes[j], valid.copy()) for j, task in enumerate(tasks)]
-
-
-def _decoded(row: int, key: str | None, fields: dict[str, bytes] | None,
-             replay: str) -> Image.Image | np.ndarray | None:
-    """The row's RGB image as `replay` reads it, None if it does not decode: for the torch replay a clean JPEG
-    decoded by simplejpeg straight into an array; anything else by PIL, as every other stage decodes it."""
-    if replay == "torch" and fields and (ext := image_field(fields)) in JPEG_EXTS:
-        array = decode_jpeg_rgb(fields[ext])
-        if array is not None:
-            return array
-    return decode_fields(row, key, fields).image
 
 
 def _pixel_buffer(shape: tuple[int, ...]) -> torch.Tensor:

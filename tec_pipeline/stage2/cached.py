@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tec_pipeline.data.jpeg import decode_for_replay
 from tec_pipeline.data.shards import Sample
 from tec_pipeline.data.views import ViewBox, recorded_replay, replay_view_uint8
 from tec_pipeline.errors import UserError
@@ -59,6 +60,11 @@ class CachedViews:
     def replay(self) -> str:
         """The replay stage 1 computed the targets on (pretrain refused any other before the first step)."""
         return recorded_replay(self.store.attrs["views"])
+
+    def decode(self, row: int, key: str | None, fields: dict[str, bytes] | None) -> Sample:
+        """The loader's decode of a row for this store's replay (the torch replay's JPEGs by simplejpeg, into an
+        array: the pixels stage 1 replayed from)."""
+        return decode_for_replay(row, key, fields, self.replay)
 
     def known_valid(self) -> np.ndarray:
         return known_valid_rows(self.store, self.view_id)
