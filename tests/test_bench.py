@@ -148,4 +148,6 @@ def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
         s1["end_to_end_img_s"] / s1["bare_forward_img_s"])
     agree = result["agreement_bf16_vs_fp32"]
     assert 0 < agree["feature_max_abs_err"] < 10 and 0 < agree["topk_overlap_mean"] <= 1
+    assert result["device_codecs_bit_exact"] == {"int8_features": True, "ecq_features": True,
+                                                 "ecq_attention": True}
     assert all(_positive(result["stage2"][k]) for k in ("cached_img_s", "online_img_s", "ratio"))

@@ -1,8 +1,8 @@
 """`make gpu-check`: one unattended run (≤ 8 min on one GPU) of the stage-1 and stage-2 figures at preset base.
 
 Measures, into one JSON file: the bare base-model forward (img/s), end-to-end `cache_targets` (img/s) and their
-ratio; bf16-vs-fp32 target agreement (feature max abs / relative error, top-k overlap); cached vs online
-stage-2 step throughput. `--device cpu --smoke` runs the same code at the tiny quick preset (a test does).
+ratio; bf16-vs-fp32 target agreement (feature max abs / relative error, top-k overlap); whether the int8/ecq
+encoders on the device give the host's arrays bit for bit; cached vs online stage-2 step throughput. `--device cpu --smoke` runs the same code at the tiny quick preset (a test does).
 
     python -m tec_pipeline.bench.gpu_check --out runs/gpu-check.json [--device cuda] [--smoke]
 """
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tec_pipeline.bench.data import prepare_data
@@ -28,6 +29,8 @@ from tec_pipeline.bench.stage2 import compare_stage2
 from tec_pipeline.devices import resolve_device
 from tec_pipeline.models.base import load_encoder
 from tec_pipeline.models.targets import stored_targets
+from tec_pipeline.stage1.quantize import device_encode, encodes_on_device
+from tec_pipeline.store.codecs import get_codec
 
 log = logging.getLogger(__name__)
 AGREEMENT_VIEWS = 64
@@ -57,6 +60,23 @@ def precision_agreement(model: torch.nn.Module, views: torch.Tensor, preset: Ben
             "topk_identical_fraction": float((a == b).all(dim=1).float().mean())}
 
 
+def device_codecs_exact(device: torch.device, rows: int = 64) -> dict[str, bool]:
+    """Per quantised codec part: do stage 1's device encoders on `device` give the numpy encoders' arrays?
+    (Tested bit for bit on CPU; on a GPU it rests on IEEE division and rounding, which this checks.)"""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name in ("int8", "ecq"):
+        codec = get_codec(name)
+        for part, shape in ((codec.features, (rows, 196, 768)), (codec.attention, (rows, 16, 12, 196))):
+            if not encodes_on_device(part):
+                continue
+            x = torch.randn(shape, generator=g) * 3
+            want = part.encode(x.numpy())
+            got = device_encode(part, x.to(device))[0]
+            out[f"{name}_{part.name}"] = all(np.array_equal(got[k].cpu().numpy(), v) for k, v in want.items())
+    return out
+
+
 def gpu_check(device: torch.device, smoke: bool, work: Path) -> dict[str, Any]:
     preset = check_preset(smoke)
     out: dict[str, Any] = {"preset": preset.name, "device": str(device), "torch": torch.__version__,
@@ -79,6 +99,7 @@ def gpu_check(device: torch.device, smoke: bool, work: Path) -> dict[str, Any]:
                      "images": len(views), "batch": preset.batch, "loader_workers": preset.loader_workers}
     lap("stage1")
     out["agreement_bf16_vs_fp32"] = precision_agreement(model, views[:AGREEMENT_VIEWS], preset, device)
+    out["device_codecs_bit_exact"] = device_codecs_exact(device)
     lap("agreement")
     stage2 = compare_stage2(data, preset, device.type, work / "stage1.zarr", work)["stage2"]
     out["stage2"] = {k: stage2[k] for k in ("cached_img_s", "online_img_s", "ratio", "teacher_share",
