@@ -249,8 +249,8 @@ def _timm_filtered(state_dict: dict[str, Any], arch: ViTArch, path: Path, arch_f
     if isinstance(weight, torch.Tensor) and weight.dim() == 4 and tuple(weight.shape[-2:]) != (arch.patch_size,) * 2:
         raise UserError(f"{path} has {weight.shape[-1]}-pixel patches, the architecture {arch.name} has "
                         f"{arch.patch_size} (wrong file or wrong {arch_flag}?)")
-    with torch.device("meta"):
-        model = build_vit(arch)
+    with torch.device("meta"):  # weight_init="skip": no init on meta tensors (it would import torch._dynamo)
+        model = build_vit(arch, weight_init="skip")
     pos = state_dict.get("pos_embed")
     if isinstance(pos, torch.Tensor) and pos.shape != model.pos_embed.shape and _weights_grid(state_dict, arch) is None:
         raise UserError(f"{path}: pos_embed {tuple(pos.shape)} is no square patch grid that timm could resample to "
@@ -333,7 +333,7 @@ def read_encoder_checkpoint(path: str | os.PathLike[str], arch: str | ViTArch | 
     resolved = dataclasses.replace(resolved, source_grid=_weights_grid(raw, resolved) or resolved.source_grid)
     mapped = _timm_filtered(raw, resolved, path, arch_flag)
     with torch.device("meta"):  # names and shapes only; no memory, no init cost
-        expected = build_vit(resolved).state_dict()
+        expected = build_vit(resolved, weight_init="skip").state_dict()
     state_dict = check_encoder_keys(mapped, expected, path, arch_flag)
     grid = f", pos_embed resampled {resolved.source_grid}² -> {resolved.grid_size}²" if resolved.source_grid else ""
     log.info("base model %s: format %s, arch %s at %d px%s", path, fmt, resolved.name, resolved.img_size, grid)
