@@ -136,6 +136,28 @@ def test_frozen_evaluation_writes_json_schema(fmnist_shards, fmnist_test_shards,
 
 
 @needs_fashion_mnist
+def test_frozen_eval_export_equals_convert_then_frozen_eval(fmnist_shards, fmnist_test_shards, micro_checkpoint,
+                                                             tmp_path):
+    """`frozen-eval --export FILE` (what `make reproduce` runs) = `convert --out FILE` and `frozen-eval` of FILE."""
+    from safetensors import safe_open
+
+    args = _frozen_args(micro_checkpoint, fmnist_shards, fmnist_test_shards)[2:]
+    assert run_cli(["convert", str(micro_checkpoint), "--out", str(tmp_path / "apart.safetensors")]) == 0
+    assert run_cli(["frozen-eval", "--checkpoint", str(tmp_path / "apart.safetensors"), *args,
+                    "--json-prefix", str(tmp_path / "apart")]) == 0
+    assert run_cli(["frozen-eval", "--checkpoint", str(micro_checkpoint), "--export", str(tmp_path / "one.safetensors"),
+                    *args, "--json-prefix", str(tmp_path / "one")]) == 0
+    apart, one = (safe_open(tmp_path / f"{n}.safetensors", "pt") for n in ("apart", "one"))
+    assert apart.metadata() == one.metadata() and set(apart.keys()) == set(one.keys())
+    assert all(torch.equal(apart.get_tensor(k), one.get_tensor(k)) for k in apart.keys())
+    for method in ("linprobe", "knn"):
+        a, b = (json.loads((tmp_path / f"{n}-{method}.json").read_text()) for n in ("apart", "one"))
+        assert b["checkpoint"] == str(tmp_path / "one.safetensors") and b["checkpoint_format"] == a["checkpoint_format"]
+        drop = {"checkpoint", "checkpoint_sha256"}  # the file's name; its bytes (metadata order may differ)
+        assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+@needs_fashion_mnist
 def test_linprobe_mae_protocol_is_recorded(fmnist_shards, fmnist_test_shards, micro_checkpoint, tmp_path):
     out = tmp_path / "mae.json"
     assert run_cli(["linprobe", "--protocol", "mae", "--checkpoint", str(micro_checkpoint), "--train-shards",
