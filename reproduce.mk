@@ -91,11 +91,12 @@ $(R)/mae-control-s%/done: $(R)/base.pth
 
 # one process per encoder: export it (`tec convert`, here `frozen-eval --export`) and both frozen evaluations
 # from one feature extraction of the exported file; a process saved is ~9 CPU s of imports (torch, timm)
+# (an interrupted step's outputs are removed first: tec refuses to write over an existing file)
 encoder_checkpoint = $(if $(filter random,$(1)),random:$(REPRO_ARCH),$(if $(filter base,$(1)),$(R)/base.pth,$(R)/$(1)/checkpoint.pth))
 encoder_run = $(if $(filter random,$(1)),,$(if $(filter base,$(1)),$(R)/base.pth,$(R)/$(1)/done))
 .SECONDEXPANSION:
 $(R)/evals/%-knn.json: $$(call encoder_run,$$*) $(R)/shards/train/manifest.json $(R)/shards/test/manifest.json
-	@mkdir -p $(R)/encoders
+	@mkdir -p $(R)/encoders && rm -f $(R)/encoders/$*.safetensors $(R)/evals/$*-linprobe.json
 	$(call timed,$(R),eval-$*,$(TEC) frozen-eval --checkpoint $(call encoder_checkpoint,$*) --export $(R)/encoders/$*.safetensors $(EVAL_OPTS) --json-prefix $(R)/evals/$*,$(EVAL_THREADS))
 
 $(R)/report.md: $(foreach a,$(ARMS),$(R)/evals/$(a)-knn.json)
