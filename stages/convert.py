@@ -26,15 +26,24 @@ def command(checkpoint: str, out: str | None, hf: str | None, arch: str | None, 
     strictly with timm.create_model(timm_name, num_classes=0, **timm_kwargs) from the file's own metadata;
     --hf DIR with timm.create_model("local-dir:DIR", pretrained=True) (see docs/hf.md).
     """
+    if (out is None) == (hf is None):
+        raise click.UsageError("give one of --out FILE.safetensors or --hf DIR")
+    if out:
+        export(checkpoint, out, arch, input_size, "--out")
+    else:
+        export(checkpoint, hf, arch, input_size, "--hf", hf=True)
+
+
+def export(checkpoint: str, target: str, arch: str | None, input_size: int | None, flag: str, hf: bool = False
+           ) -> None:
+    """`tec convert CHECKPOINT --out TARGET` (--hf TARGET when `hf`); `flag` names TARGET in errors. Also what
+    `tec frozen-eval --export` runs before it evaluates the file."""
     from tec_pipeline.models.convert import convert_checkpoint, convert_to_hf
     from tec_pipeline.outputs import require_writable, write_errors
 
-    if (out is None) == (hf is None):
-        raise click.UsageError("give one of --out FILE.safetensors or --hf DIR")
-    target = out or hf
-    require_writable(target, "--out" if out else "--hf")
+    require_writable(target, flag)
     with write_errors(target, "nothing was replaced (the output is written under a temporary name first)"):
-        if out:
-            convert_checkpoint(checkpoint, out, arch, input_size)  # logs what it read and what it wrote
+        if hf:
+            convert_to_hf(checkpoint, target, arch, input_size)
         else:
-            convert_to_hf(checkpoint, hf, arch, input_size)
+            convert_checkpoint(checkpoint, target, arch, input_size)  # logs what it read and what it wrote

@@ -99,11 +99,22 @@ def knn_command(**options: Any) -> None:
 @temperature_option
 @click.option("--json-prefix", default=None, type=click.Path(dir_okay=False),
               help="Write PREFIX-linprobe.json and PREFIX-knn.json (the files `tec linprobe` / `tec knn` write).")
-def frozen_eval_command(json_prefix: str | None, **options: Any) -> None:
+@click.option("--export", default=None, type=click.Path(dir_okay=False),
+              help="First write --checkpoint (with --arch) as timm weights to this .safetensors file, as `tec convert "
+                   "CHECKPOINT --out FILE` does, then evaluate FILE: both commands in one process.")
+def frozen_eval_command(json_prefix: str | None, export: str | None, **options: Any) -> None:
     """Linear probe and kNN from one feature extraction (about half the cost of running both commands)."""
     if options["json"]:
         raise click.BadParameter("use --json-prefix (one file per method)", param_hint="--json")
     paths = {f"--json-prefix ({m})": f"{json_prefix}-{m}.json" if json_prefix else None for m in ("linprobe", "knn")}
+    if export:
+        from stages.convert import export as export_encoder
+
+        for flag, path in paths.items():
+            if path:
+                require_writable(path, flag)  # before the export, not after
+        export_encoder(options["checkpoint"], export, options["arch"], None, "--export")
+        options = {**options, "checkpoint": export, "arch": None}  # the file records its architecture
     _frozen(("linprobe", "knn"), options, paths)
 
 

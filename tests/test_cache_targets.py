@@ -22,7 +22,6 @@ from tests.conftest import (
     assert_one_line_error,
     kill_half_way,
     needs_fashion_mnist,
-    run_tec,
     tec_in_process,
 )
 
@@ -107,7 +106,7 @@ def test_dask_workers_write_identical_store(fp32_store: Path, fmnist_shards: Pat
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_store(fp32_store: Path, fmnist_shards: Path, pico_base: Path,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "killed.zarr"
     args = ["cache-targets", "--shards", str(fmnist_shards), "--base-model", str(pico_base), "--out", str(out),
             "--views", "2", "--topk", "4", "--chunk-rows", "64", "--batch-size", "32", "--codec", "fp32",
@@ -115,7 +114,8 @@ def test_sigkill_then_rerun_gives_identical_store(fp32_store: Path, fmnist_shard
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "0.2", *args], stderr=subprocess.DEVNULL,
                             start_new_session=True)  # slowed: on a busy machine it could finish before the kill
     kill_half_way(proc, str(out))
-    run_tec(*args, check=True)
+    rerun = tec_in_process(capfd, *args)  # the rerun, in this process: the killed run is the one that needs its own
+    assert rerun.returncode == 0, rerun.stderr
     ours, reference = _arrays(out), _arrays(fp32_store)
     for name in ARRAYS:
         assert np.array_equal(ours[name], reference[name]), name

@@ -116,11 +116,19 @@ def _frozen_args(checkpoint, train, test):
 @needs_fashion_mnist
 def test_frozen_evaluation_writes_json_schema(fmnist_shards, fmnist_test_shards, micro_checkpoint, tmp_path):
     """linprobe and knn write the JSON schema; frozen-eval, from one feature extraction, writes the same two
-    records."""
+    records, also when it evaluates its --export of the checkpoint (the file `tec convert` writes)."""
+    from safetensors import safe_open
+
     args = _frozen_args(micro_checkpoint, fmnist_shards, fmnist_test_shards)
     for method in ("linprobe", "knn"):
         assert run_cli([method, *args, "--json", str(tmp_path / f"alone-{method}.json")]) == 0
-    assert run_cli(["frozen-eval", *args, "--json-prefix", str(tmp_path / "both")]) == 0
+    # frozen-eval as `make reproduce` runs it: export first (as `tec convert` does), then evaluate the export
+    assert run_cli(["frozen-eval", *args, "--export", str(tmp_path / "one.safetensors"),
+                    "--json-prefix", str(tmp_path / "both")]) == 0
+    assert run_cli(["convert", str(micro_checkpoint), "--out", str(tmp_path / "apart.safetensors")]) == 0
+    apart, one = (safe_open(tmp_path / f"{n}.safetensors", "pt") for n in ("apart", "one"))
+    assert apart.metadata() == one.metadata() and set(apart.keys()) == set(one.keys())
+    assert all(torch.equal(apart.get_tensor(k), one.get_tensor(k)) for k in apart.keys())
     for method in ("linprobe", "knn"):
         record = json.loads((tmp_path / f"alone-{method}.json").read_text())
         assert set(REQUIRED_KEYS) <= set(record)
@@ -133,6 +141,7 @@ def test_frozen_evaluation_writes_json_schema(fmnist_shards, fmnist_test_shards,
             assert record["protocol"]["name"] == "lbfgs" and "not MAE's protocol" in record["protocol"]["description"]
         both = json.loads((tmp_path / f"both-{method}.json").read_text())
         assert both["per_pooling"] == record["per_pooling"] and both["top1"] == record["top1"]
+        assert both["checkpoint"] == str(tmp_path / "one.safetensors")  # what it evaluated: the export
 
 
 @needs_fashion_mnist

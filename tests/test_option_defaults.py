@@ -28,7 +28,7 @@ CONFIGS: dict[str, type] = {
 WITHOUT_CONFIG = {"make-shards", "index-shards", "inspect", "verify", "convert", "bench", "report"}
 # Options that steer the command rather than fill its config (besides those that never reach the command
 # function, expose_value=False, such as --config).
-NOT_FIELDS = {"repair", "json_prefix"}
+NOT_FIELDS = {"repair", "json_prefix", "export"}
 
 
 def _command(name: str) -> click.Command:

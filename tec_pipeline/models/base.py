@@ -249,7 +249,7 @@ def _timm_filtered(state_dict: dict[str, Any], arch: ViTArch, path: Path, arch_f
     if isinstance(weight, torch.Tensor) and weight.dim() == 4 and tuple(weight.shape[-2:]) != (arch.patch_size,) * 2:
         raise UserError(f"{path} has {weight.shape[-1]}-pixel patches, the architecture {arch.name} has "
                         f"{arch.patch_size} (wrong file or wrong {arch_flag}?)")
-    with torch.device("meta"):
+    with torch.device("meta"):  # init=False: no init on meta tensors (slow, and it would import torch._dynamo)
         model = build_vit(arch, init=False)
     pos = state_dict.get("pos_embed")
     if isinstance(pos, torch.Tensor) and pos.shape != model.pos_embed.shape and _weights_grid(state_dict, arch) is None:

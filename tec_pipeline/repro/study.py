@@ -112,7 +112,7 @@ def encoder_params(arch_name: str) -> int:
     from tec_pipeline.models.vit import build_vit, resolve_arch
 
     with torch.device("meta"):
-        return sum(p.numel() for p in build_vit(resolve_arch(arch_name)).parameters())
+        return sum(p.numel() for p in build_vit(resolve_arch(arch_name), init=False).parameters())
 
 
 def cost_results(root: Path, n_train: int, epochs: int) -> dict[str, Any]:
