@@ -9,6 +9,7 @@ from tec_pipeline.data.views import REPLAYS
 from tec_pipeline.logs import progress_enabled
 from tec_pipeline.outputs import require_writable
 from tec_pipeline.stage1 import CacheConfig, cache_targets
+from tec_pipeline.stage1.config import QUANTIZE_CHOICES
 from tec_pipeline.storage import storage_options_option
 from tec_pipeline.store.codecs import CODECS
 from tec_pipeline.store.integrity import require_readable_flags, reset_damaged_tasks
@@ -43,6 +44,8 @@ option = option_factory(CacheConfig)
 @option("--writer-threads", type=int, help="Threads that encode and write chunks while the next batches run.")
 @option("--replay", type=click.Choice(list(REPLAYS)), help="How a view's pixels are made from its box: pil (the "
         "reference pipeline's) or torch (same bicubic antialias filter, ~3x cheaper on the host). Recorded.")
+@option("--quantize-on", type=click.Choice(list(QUANTIZE_CHOICES)), help="Where int8/ecq targets are quantised: "
+        "auto = on the GPU (a quarter of the bytes cross back), on a CPU in the writer threads. The same bytes.")
 @click.option("--repair", is_flag=True, help="Recompute the done tasks whose chunks are missing or do not decode.")
 def command(repair: bool, **options: object) -> None:
     """Compute the base model's enhanced targets once and write them (with each view's box) to a store."""

@@ -108,3 +108,20 @@ def test_store_quantised_on_device_equals_host_quantised(codec: str, fmnist_shar
     with pytest.raises(ValueError, match="invalid rows must be encoded zeros"):
         stores["device"].write_task(Task(0, 0, 0, n), **{**encoded, "features": {**encoded["features"],
                                                                                "features": garbage}})
+
+
+@needs_fashion_mnist
+def test_quantize_on_device_or_host_gives_the_same_store(fmnist_shards: Path, pico_base: Path,
+                                                         tmp_path: Path) -> None:
+    """`--quantize-on device` and `host` (the CPU's auto) write the same ecq store, byte for byte."""
+    from tec_pipeline.stage1 import CacheConfig, cache_targets
+
+    def files(url: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(url)): p.read_bytes() for p in sorted(url.rglob("*")) if p.is_file()}
+
+    for where in ("device", "host"):
+        cache_targets(CacheConfig(shards=str(fmnist_shards), base_model=str(pico_base), out=str(tmp_path / where),
+                                  views=2, topk=4, chunk_rows=48, batch_size=16, codec="ecq", loader_workers=0,
+                                  limit=96, quantize_on=where))
+    device, host = files(tmp_path / "device"), files(tmp_path / "host")
+    assert len(device) > 10 and device == host

@@ -82,7 +82,8 @@ def host_path_cost(shards: Path, work: Path, codec: str, device: torch.device, v
     model = StandInBase(batch).to(device)
     cfg = CacheConfig(shards=str(shards), base_model="stand-in", out=str(out), views=views, topk=15, codec=codec,
                       chunk_rows=chunk_rows, batch_size=batch, loader_workers=loader_workers,
-                      writer_threads=writer_threads, device=str(device), replay=replay)
+                      writer_threads=writer_threads, device=str(device), replay=replay,
+                      quantize_on="device")  # as beside a GPU: the device quantises, the host compresses and writes
     cpu, wall = _cpu_seconds(), time.perf_counter()
     summary = cache_targets(cfg, encoder=(model, stand_in_checkpoint()))
     cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall

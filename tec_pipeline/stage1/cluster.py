@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tec_pipeline.errors import UserError
 from tec_pipeline.progress import ProgressLog
-from tec_pipeline.stage1.config import CacheConfig
+from tec_pipeline.stage1.config import CacheConfig, quantizes_on_device
 from tec_pipeline.store.claims import HEARTBEAT_S, STALE_S
 from tec_pipeline.store.layout import Task
 
@@ -97,7 +97,8 @@ def run_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict[str, An
         for inputs in decode_tasks(cfg.shards, manifest, tasks, cfg.seed, store.attrs["base_model"]["input_size"],
                                    cfg.replay):
             result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device,
-                                  store.attrs["targets"]["precision"]["autocast"], store.codec)
+                                  store.attrs["targets"]["precision"]["autocast"], store.codec,
+                                  quantizes_on_device(cfg, device))
             store.write_task(inputs.task, **result)
             claims.release(inputs.task)
             images += len(inputs.pixels)

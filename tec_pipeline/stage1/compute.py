@@ -35,11 +35,13 @@ def _targets(model: torch.nn.Module, x: torch.Tensor, k: int, last_layers: int) 
 
 
 def compute_task(model: torch.nn.Module, inputs: TaskInputs, k: int, last_layers: int, batch_size: int,
-                 device: torch.device, amp: str = "none", codec: Codec | None = None) -> dict[str, Any]:
+                 device: torch.device, amp: str = "none", codec: Codec | None = None,
+                 quantize: bool = True) -> dict[str, Any]:
     """Targets of one task as numpy arrays, features normalised, invalid rows zero.
 
     Returns features [n,L,D] and attention [n,1+k,H,L] (float16 where `codec` stores float16, else float32;
-    where `codec` quantises, the part's stored arrays instead, a dict as `TensorCodec.encode` returns it),
+    where `codec` quantises and `quantize`, the part's stored arrays instead, a dict as `TensorCodec.encode`
+    returns it; without `quantize` float32 for the host to encode),
     topk_index int64 [n,k], boxes int32 [n,5], valid bool [n]: what `TargetStore.write_task` takes.
     Raises ValueError where the codec's encoder would refuse the targets (NaN, inf, beyond float16).
     """
@@ -57,7 +59,7 @@ def compute_task(model: torch.nn.Module, inputs: TaskInputs, k: int, last_layers
             value = t[name]
             if invalid is not None:  # undecodable images: rows of zeros (the model saw blank pixels)
                 value = value.masked_fill(invalid[start:start + len(x)].view(-1, *[1] * (value.dim() - 1)), 0)
-            if part is not None and encodes_on_device(part):  # quantised here: ~4x fewer bytes cross
+            if quantize and part is not None and encodes_on_device(part):  # here: ~4x fewer bytes cross
                 encoded, bad = device_encode(part, value)
                 refused |= bad
                 arrays.update({(name, array): v for array, v in encoded.items()})

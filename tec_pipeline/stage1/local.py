@@ -18,7 +18,7 @@ from tec_pipeline.data.shards import Manifest
 from tec_pipeline.devices import threads_beside_workers
 from tec_pipeline.progress import ProgressLog
 from tec_pipeline.stage1.compute import compute_task
-from tec_pipeline.stage1.config import CacheConfig
+from tec_pipeline.stage1.config import CacheConfig, quantizes_on_device
 from tec_pipeline.stage1.decode import ChunkDataset, decoded_groups
 from tec_pipeline.stage1.write import WriterPool
 from tec_pipeline.store.claims import ClaimBook
@@ -58,7 +58,7 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
             for inputs in group:
                 started = time.thread_time()
                 result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device, amp,
-                                      store.codec)
+                                      store.codec, quantizes_on_device(cfg, device))
                 compute_cpu += time.thread_time() - started
                 writers.submit(inputs.task, result)
                 images, tasks = images + len(inputs.pixels), tasks + 1
