@@ -133,13 +133,15 @@ def _any_fp16_exponent_all_ones(x: np.ndarray, block: int = 1 << 15) -> bool:
 def fp16_round_up(x: np.ndarray) -> np.ndarray:
     """Smallest float16 ≥ x (float32 in), so a stored scale never clips what it was computed from."""
     h = x.astype(np.float16)
-    return np.where(h.astype(np.float32) < x, np.nextafter(h, np.float16(np.inf)), h)
+    with np.errstate(over="ignore"):  # the step past ±65504 is computed for every element, kept only where chosen
+        return np.where(h.astype(np.float32) < x, np.nextafter(h, np.float16(np.inf)), h)
 
 
 def fp16_round_down(x: np.ndarray) -> np.ndarray:
     """Largest float16 ≤ x (float32 in)."""
     h = x.astype(np.float16)
-    return np.where(h.astype(np.float32) > x, np.nextafter(h, np.float16(-np.inf)), h)
+    with np.errstate(over="ignore"):
+        return np.where(h.astype(np.float32) > x, np.nextafter(h, np.float16(-np.inf)), h)
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, lo: int, hi: int, dtype: type[np.integer]) -> np.ndarray:
