@@ -70,8 +70,8 @@ def _kinds_shards(directory: Path) -> int:
     directory.mkdir(exist_ok=True)
     writer = ShardWriter(directory, "train", 10)
     for row, (data, ext) in enumerate(records):
-        writer.write(f"{row:04d}", data, ext, 0)
-    write_manifest(directory, make_manifest(writer.finish(), ["a"], "test:jpeg-kinds", "train"))
+        writer.write(f"{row:04d}", data, ext, row % 3)
+    write_manifest(directory, make_manifest(writer.finish(), ["a", "b", "c"], "test:jpeg-kinds", "train"))
     return len(records)
 
 
@@ -130,5 +130,6 @@ def test_torch_store_stage2_decodes_as_stage1(tmp_path: Path, pico_base: Path,
     for row, key, fields in iter_fields(str(shards), 0, 16):
         sample = views.decode(row, key, fields)
         assert isinstance(sample.image, np.ndarray)  # the first 16 rows are clean JPEGs
+        assert sample.label == row % 3  # the label is read as by PIL's decode
         assert torch.equal(views(sample, views.stored(row))["pixels"], stage1.pixels[row]), row
     assert len(by_simplejpeg) == 16 and n > 16

@@ -16,7 +16,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from tec_pipeline.data.shards import Sample, decode_fields, image_field
+from tec_pipeline.data.shards import Sample, decode_fields, image_field, sample_label
 
 JPEG_EXTS = ("jpg", "jpeg")
 DECODER = f"simplejpeg {simplejpeg.__version__}"
@@ -42,7 +42,7 @@ def decode_for_replay(row: int, key: str | None, fields: dict[str, bytes] | None
     if replay == "torch" and fields and key is not None and (ext := image_field(fields)) in JPEG_EXTS:
         array = decode_jpeg_rgb(fields[ext])
         if array is not None:
-            return Sample(row, key, array, None)  # type: ignore[arg-type]  # the torch replay reads arrays too
+            return Sample(row, key, array, sample_label(fields))  # type: ignore[arg-type]  # torch replay reads arrays
     return decode_fields(row, key, fields)
 
 

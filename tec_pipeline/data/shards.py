@@ -266,11 +266,15 @@ def image_field(fields: dict[str, bytes]) -> str | None:
     return next((e for e in IMAGE_EXTS if e in fields), None)
 
 
+def sample_label(fields: dict[str, bytes]) -> int | None:
+    """The sample's class from its `cls` field, None when it has none (or not an integer)."""
+    return int(fields["cls"]) if "cls" in fields and fields["cls"].strip().lstrip(b"-").isdigit() else None
+
+
 def _to_sample(row: int, key: str, fields: dict[str, bytes]) -> Sample:
     ext = image_field(fields)
     image = _decode_image(fields[ext], key) if ext else None
-    label = int(fields["cls"]) if "cls" in fields and fields["cls"].strip().lstrip(b"-").isdigit() else None
-    return Sample(row, key, image, label)
+    return Sample(row, key, image, sample_label(fields))
 
 
 def decode_fields(row: int, key: str | None, fields: dict[str, bytes] | None) -> Sample:
@@ -299,16 +303,6 @@ def iter_shard_fields(directory: str | os.PathLike[str], shard: ShardInfo, start
         row += 1
     for missing in range(max(row, start), end):
         yield missing, None, None
-
-
-def iter_shard_rows(directory: str | os.PathLike[str], shard: ShardInfo, start: int, stop: int,
-                    wanted: set[int] | None = None) -> Iterator[Sample]:
-    """Samples of rows [start, stop) of one shard, in order; a missing tail (truncated tar) yields image=None.
-
-    Rows not in `wanted` (when given) are yielded without decoding, so callers can skip them cheaply.
-    """
-    for row, key, fields in iter_shard_fields(directory, shard, start, stop, wanted):
-        yield Sample(row, key, None, None) if fields is None else decode_fields(row, key, fields)
 
 
 def iter_fields(directory: str | os.PathLike[str], start_row: int = 0, stop_row: int | None = None,
