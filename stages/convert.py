@@ -46,4 +46,4 @@ def export(checkpoint: str, target: str, arch: str | None, input_size: int | Non
         if hf:
             convert_to_hf(checkpoint, target, arch, input_size)
         else:
-            convert_checkpoint(checkpoint, target, arch, input_size)  # logs what it read and what it wrote
+            convert_checkpoint(checkpoint, target, arch, input_size, flag)  # logs what it read and wrote

@@ -18,7 +18,7 @@ from tec_pipeline.stage1.quantize import device_encode, encodes_on_device
 from tec_pipeline.store.codecs import FP16_MAX, AffineUint8Codec, get_codec
 from tec_pipeline.store.layout import StoreSpec, Task
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import needs_fashion_mnist
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process
 
 
 def _hard_values(rng: np.random.Generator) -> np.ndarray:
@@ -125,3 +125,13 @@ def test_quantize_on_device_or_host_gives_the_same_store(fmnist_shards: Path, pi
                                   limit=96, quantize_on=where))
     device, host = files(tmp_path / "device"), files(tmp_path / "host")
     assert len(device) > 10 and device == host
+
+
+@needs_fashion_mnist
+def test_bad_quantize_on_is_one_line(fmnist_shards: Path, pico_base: Path, tmp_path: Path,
+                                     capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s.zarr"
+    proc = tec_in_process(capfd, "cache-targets", "--shards", str(fmnist_shards), "--base-model", str(pico_base),
+                          "--out", str(out), "--quantize-on", "gpu")
+    assert_one_line_error(proc)
+    assert "--quantize-on" in proc.stderr and not out.exists()

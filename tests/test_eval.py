@@ -21,7 +21,7 @@ from tec_pipeline.eval.linear import linear_probe
 from tec_pipeline.eval.report import REQUIRED_KEYS
 from tec_pipeline.models.vit import ViTArch, build_vit, resolve_arch
 from tec_pipeline.train.optim import layer_decay_groups
-from tests.conftest import needs_fashion_mnist, tensorboard_scalars
+from tests.conftest import assert_one_line_error, needs_fashion_mnist, tec_in_process, tensorboard_scalars
 
 MICRO = resolve_arch("tec_micro_p4_28")  # Fashion-MNIST size
 
@@ -234,3 +234,14 @@ def test_posterize_to_zero_bits_gives_black_instead_of_raising():
     image = Image.new("RGB", (4, 4), (200, 100, 50))
     assert np.asarray(_posterize(image, 0)).max() == 0
     assert np.asarray(_posterize(image, 1)).tolist()[0][0] == [128, 0, 0]
+
+
+@needs_fashion_mnist
+def test_frozen_eval_bad_export_is_one_line(fmnist_shards, fmnist_test_shards, micro_checkpoint, tmp_path, capfd):
+    """--export refuses what `tec convert --out` refuses (here a non-safetensors name), in one line, before any
+    evaluation, and writes nothing."""
+    args = _frozen_args(micro_checkpoint, fmnist_shards, fmnist_test_shards)
+    proc = tec_in_process(capfd, "frozen-eval", *args, "--export", str(tmp_path / "enc.pth"),
+                          "--json-prefix", str(tmp_path / "both"))
+    assert_one_line_error(proc)
+    assert "--export" in proc.stderr and not list(tmp_path.iterdir())

@@ -67,16 +67,17 @@ def export_state_dict(ckpt: EncoderCheckpoint) -> dict[str, torch.Tensor]:
 
 
 def convert_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str],
-                       arch: str | None = None, input_size: int | None = None) -> Path:
+                       arch: str | None = None, input_size: int | None = None, out_flag: str = "--out") -> Path:
     """Write `source` as timm ViT safetensors at `out` (atomically: temporary file, then os.replace).
 
     arch: a preset or timm ViT name, needed only when the source records no architecture.
     input_size: export at this input size (pos_embed resampled by timm); None: the source's own.
+    out_flag: the option that named `out`, for error messages (`tec frozen-eval --export`).
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    require(out.suffix == ".safetensors", f"--out must be a .safetensors file, got {out}")
+    require(out.suffix == ".safetensors", f"{out_flag} must be a .safetensors file, got {out}")
     require(not out.is_dir(), f"--out {out} is a directory; give a file name ending in .safetensors")
     ckpt = read_encoder_checkpoint(source, arch, arch_flag="--arch", input_size=input_size)
     state_dict = export_state_dict(ckpt)
