@@ -91,7 +91,7 @@ $(R)/mae-control-s%/done: $(R)/base.pth
 
 # one process per encoder: export it (`tec convert`, here `frozen-eval --export`) and both frozen evaluations
 # from one feature extraction of the exported file; a process saved is ~9 CPU s of imports (torch, timm)
-# (an interrupted step's outputs are removed first: tec refuses to write over an existing file)
+# (an interrupted step's outputs are removed first, so a half-finished arm never leaves a stale export behind)
 encoder_checkpoint = $(if $(filter random,$(1)),random:$(REPRO_ARCH),$(if $(filter base,$(1)),$(R)/base.pth,$(R)/$(1)/checkpoint.pth))
 encoder_run = $(if $(filter random,$(1)),,$(if $(filter base,$(1)),$(R)/base.pth,$(R)/$(1)/done))
 .SECONDEXPANSION:

@@ -41,7 +41,7 @@ def export(checkpoint: str, target: str, arch: str | None, input_size: int | Non
     from tec_pipeline.models.convert import convert_checkpoint, convert_to_hf
     from tec_pipeline.outputs import require_writable, write_errors
 
-    require_writable(target, flag)
+    require_writable(target, flag, file=not hf)
     with write_errors(target, "nothing was replaced (the output is written under a temporary name first)"):
         if hf:
             convert_to_hf(checkpoint, target, arch, input_size)

@@ -69,7 +69,7 @@ def _frozen(methods: tuple[str, ...], options: dict[str, Any], json_paths: dict[
     cfg = from_options(FrozenEvalConfig, options)
     for flag, path in json_paths.items():
         if path:
-            require_writable(path, flag)  # before the features are computed, not after
+            require_writable(path, flag, file=True)  # before the features are computed, not after
     records = evaluate_frozen(methods, cfg, progress=progress_enabled())
     for method, path in zip(methods, json_paths.values(), strict=True):
         _finish(records[method], path)
@@ -112,7 +112,7 @@ def frozen_eval_command(json_prefix: str | None, export: str | None, **options: 
 
         for flag, path in paths.items():
             if path:
-                require_writable(path, flag)  # before the export, not after
+                require_writable(path, flag, file=True)  # before the export, not after
         export_encoder(options["checkpoint"], export, options["arch"], None, "--export")
         options = {**options, "checkpoint": export, "arch": None}  # the file records its architecture
     _frozen(("linprobe", "knn"), options, paths)

@@ -46,12 +46,17 @@ def probe_write(directory: Path) -> None:
     os.unlink(probe)
 
 
-def require_writable(path: str | os.PathLike[str], flag: str = "--out") -> None:
-    """UserError unless `path` (a file or directory, existing or to be created) can be written."""
+def require_writable(path: str | os.PathLike[str], flag: str = "--out", file: bool = False) -> None:
+    """UserError unless `path` (a directory, or with `file` a file; existing or to be created) can be written.
+
+    An existing file is fine for a file output: every file output is written under a temporary name and then
+    renamed over it, so what counts is its directory."""
     if not is_local(path):
         return
     target = _local(path)
-    base = _existing_ancestor(target)
+    if file and target.is_dir():
+        raise UserError(f"{flag} {target} is a directory; {flag} takes a file name")
+    base = _existing_ancestor(target.parent if file and target.is_file() else target)
     if not base.is_dir():
         raise UserError(f"{flag} {target}: {base} is a file, not a directory; choose another {flag}")
     try:

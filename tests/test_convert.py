@@ -105,6 +105,31 @@ def test_cli_converts(tmp_path: Path) -> None:
     assert load_exported(tmp_path / "out" / "vit.safetensors").embed_dim == ARCH.embed_dim
 
 
+def test_cli_replaces_an_existing_file_with_the_same_bytes_every_time(tmp_path: Path) -> None:
+    # the eval JSONs record the file's sha256: two exports of one checkpoint must be the same bytes (safetensors
+    # writes its metadata from a hash map, in an order that changes from process to process)
+    _tec_checkpoint(tmp_path / "tec.pth")
+    out = tmp_path / "vit.safetensors"
+    out.write_bytes(b"an earlier export")
+    exports = []
+    for _ in range(4):  # each in the same process, so the hash-map order also varies here (seeded per map)
+        cli.main(["convert", str(tmp_path / "tec.pth"), "--out", str(out)])
+        exports.append(out.read_bytes())
+    assert all(e == exports[0] for e in exports)
+    header = json.loads(exports[0][8:8 + int.from_bytes(exports[0][:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert load_exported(out).embed_dim == ARCH.embed_dim
+
+
+def test_cli_refuses_a_directory_as_out_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _tec_checkpoint(tmp_path / "tec.pth")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["convert", str(tmp_path / "tec.pth"), "--out", str(tmp_path / "dir.safetensors")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "directory" in err, err
+
+
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_suffix", "no_arch"])
 def test_cli_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src, out = tmp_path / "src.pth", tmp_path / "vit.safetensors"

@@ -55,6 +55,19 @@ def test_a_real_unwritable_destination_is_refused_before_any_work() -> None:
         outputs.require_writable("/sys/tec-out")
 
 
+def test_an_existing_output_file_is_writable_and_a_directory_output_that_is_a_file_is_not(tmp_path: Path) -> None:
+    existing = tmp_path / "result.json"
+    existing.write_text("{}")
+    outputs.require_writable(existing, "--json", file=True)  # replaced by a rename: its directory counts
+    outputs.require_writable(tmp_path / "new" / "result.json", "--json", file=True)
+    with pytest.raises(UserError, match=r"--json .*x.json: .*result.json is a file, not a directory"):
+        outputs.require_writable(existing / "x.json", "--json", file=True)
+    with pytest.raises(UserError, match=r"--out .*result.json: .*result.json is a file, not a directory"):
+        outputs.require_writable(existing)  # a directory output (a store, a run)
+    with pytest.raises(UserError, match=r"--json .* is a directory; --json takes a file name"):
+        outputs.require_writable(tmp_path, "--json", file=True)
+
+
 def test_read_only_out_is_one_line_for_every_writing_command(
         read_only: Path, reference_store: Path, fmnist_shards: Path, pico_base: Path, tmp_path: Path,
         capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ from tec_pipeline.models.base import HF_CONFIG, HF_WEIGHTS, EncoderCheckpoint, r
 from tec_pipeline.models.vit import ViTArch, build_vit
 
 log = logging.getLogger(__name__)
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's metadata in sorted key order, in place.
+
+    safetensors serialises the metadata from a hash map, so its order (and the file's sha256, which evaluation
+    records as `checkpoint_sha256`) changed from one export of the same checkpoint to the next. The header
+    keeps its length (the same keys and values, reordered), so the tensor data is not moved."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text.rstrip()) != len(raw.rstrip()):  # another serialisation than safetensors': leave it as it is
+            log.warning("%s: could not reorder its safetensors metadata; the file is correct but not reproducible",
+                        path)
+            return
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def export_metadata(arch: ViTArch, source_sha256: str) -> dict[str, str]:
@@ -78,13 +99,14 @@ def convert_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[st
 
     out = Path(out)
     require(out.suffix == ".safetensors", f"{out_flag} must be a .safetensors file, got {out}")
-    require(not out.is_dir(), f"--out {out} is a directory; give a file name ending in .safetensors")
+    require(not out.is_dir(), f"{out_flag} {out} is a directory; give a file name ending in .safetensors")
     ckpt = read_encoder_checkpoint(source, arch, arch_flag="--arch", input_size=input_size)
     state_dict = export_state_dict(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
         save_file(state_dict, str(tmp), metadata=export_metadata(ckpt.arch, ckpt.sha256))
+        sort_metadata(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
