@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
+from tec_pipeline.data.shards import iter_samples, load_manifest
 from tec_pipeline.data.sources import DEFAULT_FASHION_MNIST_DIR
+from tec_pipeline.data.writing import write_shards
 
 os.environ.setdefault("TEC_NO_PROGRESS", "1")
 # Tests run tiny ViTs, for which a second compute thread only adds contention (measured 10-50x slower steps
@@ -47,8 +52,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 Fashion-MNIST training images in 3 shards (seed 0)."""
-    from tec_pipeline.data.writing import write_shards
-
     out = tmp_path_factory.mktemp("fmnist") / "train"
     write_shards("fashion-mnist", out, "train", shard_size=128, limit=300, seed=0, progress=False)
     return out
@@ -206,3 +209,42 @@ def kill_half_way(proc: subprocess.Popen, store: str, timeout: float = 120, poll
     done = TargetStore.open(store).done_mask()
     assert 0 < done.sum() < done.size, "the run was not killed half-way"
     return done
+
+
+def assert_same_store(ours: Path, reference: Path) -> None:
+    """Same arrays (bit for bit), same attributes, same objects on disk (no leftovers of killed writes)."""
+    files = [sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+             for root in (ours, reference)]
+    assert files[0] == files[1], set(files[0]) ^ set(files[1])
+    a, b = zarr.open_group(str(ours), mode="r"), zarr.open_group(str(reference), mode="r")
+    assert dict(a.attrs) == dict(b.attrs)
+    for name in b.array_keys():
+        assert np.array_equal(a[name][...], b[name][...]), name
+
+
+@pytest.fixture(scope="session")
+def damaged_shards(fmnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    """94 Fashion-MNIST images as JPEG/PNG files + a truncated JPEG + a PNG with a flipped byte, in 3 shards;
+    the last shard is then cut inside a sample. Returns the shards and the rows that cannot be decoded."""
+    root = tmp_path_factory.mktemp("damaged")
+    folder = root / "images"
+    for sample in iter_samples(fmnist_shards, 0, 94):
+        classdir = folder / f"class {sample.label}"
+        classdir.mkdir(parents=True, exist_ok=True)
+        sample.image.save(classdir / f"{sample.key}.{'jpg' if sample.row % 2 else 'png'}")
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    sample.image.save(jpeg, "JPEG")
+    sample.image.save(png, "PNG")
+    (folder / "class 0" / "broken.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    flipped = bytearray(png.getvalue())
+    flipped[len(flipped) // 2] ^= 0xFF  # inside the image data: its CRC no longer matches
+    (folder / "class 1" / "broken.png").write_bytes(bytes(flipped))
+    shards = root / "shards"
+    write_shards(f"imagefolder:{folder}", shards, shard_size=32, seed=0, progress=False)
+    bad = {s.row for s in iter_samples(shards) if "broken" in str(s.key)}
+    last = load_manifest(shards).shards[-1]
+    with tarfile.open(shards / last.name) as tar:
+        images = [m for m in tar.getmembers() if not m.name.endswith(".cls")]
+    cut = last.count - 4  # this sample's image is cut in half; it and the 3 after it are lost
+    os.truncate(shards / last.name, images[cut].offset_data + images[cut].size // 2)
+    return shards, sorted(bad | set(range(last.first_row + cut, last.first_row + last.count)))

@@ -6,7 +6,6 @@ The README's "Reliability" section lists each guarantee with the test that prove
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -14,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -27,12 +25,11 @@ import zarr
 import cli
 from tec_pipeline.data.loader import plan_epoch
 from tec_pipeline.data.shards import iter_samples, load_manifest
-from tec_pipeline.data.writing import write_shards
 from tec_pipeline.stage1 import CacheConfig, cache_targets
 from tec_pipeline.stage1.cluster import run_group
 from tec_pipeline.store.layout import Task
 from tec_pipeline.store.target_store import TargetStore
-from tests.conftest import SMALL_CACHE, needs_fashion_mnist, run_tec, small_cache_argv
+from tests.conftest import SMALL_CACHE, assert_same_store, needs_fashion_mnist, run_tec, small_cache_argv
 
 pytestmark = needs_fashion_mnist
 TASKS, DATA_ARRAYS, META_OBJECTS = 10, 5, 7  # 2 views x 5 chunks of 300 rows; group + 6 arrays
@@ -87,17 +84,6 @@ def one_thread():
 
 
 
-def _assert_same_store(ours: Path, reference: Path) -> None:
-    """Same arrays (bit for bit), same attributes, same objects on disk (no leftovers of killed writes)."""
-    files = [sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-             for root in (ours, reference)]
-    assert files[0] == files[1], set(files[0]) ^ set(files[1])
-    a, b = zarr.open_group(str(ours), mode="r"), zarr.open_group(str(reference), mode="r")
-    assert dict(a.attrs) == dict(b.attrs)
-    for name in b.array_keys():
-        assert np.array_equal(a[name][...], b[name][...]), name
-
-
 @pytest.fixture()
 def trained_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The rows of every batch `tec pretrain` trains on (in-process), in order."""
@@ -143,7 +129,7 @@ def test_cache_targets_sigkilled_at_three_random_points_then_rerun_is_identical(
     data_no_flag = [t for t in store.pending_tasks() if f"valid/c/{t.view}/{t.index}" in written]
     assert data_no_flag, "the last kill leaves a task whose data is written but whose done flag is not"
     cli.main(argv)
-    _assert_same_store(out, reference_store)
+    assert_same_store(out, reference_store)
 
 
 def _logged_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict) -> int:
@@ -189,35 +175,7 @@ def test_dask_worker_killed_mid_task_the_task_is_rerun_elsewhere(
     ends = [rest.rsplit(" ", 1) for what, rest in events if what == "end"]
     finished_by = [pid for task, pid in ends if task == killed["task"]]
     assert finished_by and killed["pid"] not in finished_by, (killed, events)
-    _assert_same_store(out, reference_store)
-
-
-@pytest.fixture(scope="module")
-def damaged_shards(fmnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
-    """94 Fashion-MNIST images as JPEG/PNG files + a truncated JPEG + a PNG with a flipped byte, in 3 shards;
-    the last shard is then cut inside a sample. Returns the shards and the rows that cannot be decoded."""
-    root = tmp_path_factory.mktemp("damaged")
-    folder = root / "images"
-    for sample in iter_samples(fmnist_shards, 0, 94):
-        classdir = folder / f"class {sample.label}"
-        classdir.mkdir(parents=True, exist_ok=True)
-        sample.image.save(classdir / f"{sample.key}.{'jpg' if sample.row % 2 else 'png'}")
-    jpeg, png = io.BytesIO(), io.BytesIO()
-    sample.image.save(jpeg, "JPEG")
-    sample.image.save(png, "PNG")
-    (folder / "class 0" / "broken.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    flipped = bytearray(png.getvalue())
-    flipped[len(flipped) // 2] ^= 0xFF  # inside the image data: its CRC no longer matches
-    (folder / "class 1" / "broken.png").write_bytes(bytes(flipped))
-    shards = root / "shards"
-    write_shards(f"imagefolder:{folder}", shards, shard_size=32, seed=0, progress=False)
-    bad = {s.row for s in iter_samples(shards) if "broken" in str(s.key)}
-    last = load_manifest(shards).shards[-1]
-    with tarfile.open(shards / last.name) as tar:
-        images = [m for m in tar.getmembers() if not m.name.endswith(".cls")]
-    cut = last.count - 4  # this sample's image is cut in half; it and the 3 after it are lost
-    os.truncate(shards / last.name, images[cut].offset_data + images[cut].size // 2)
-    return shards, sorted(bad | set(range(last.first_row + cut, last.first_row + last.count)))
+    assert_same_store(out, reference_store)
 
 
 def test_undecodable_images_and_truncated_tar_are_skipped_counted_and_named(

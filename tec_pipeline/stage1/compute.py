@@ -47,18 +47,21 @@ def compute_task(model: torch.nn.Module, inputs: TaskInputs, k: int, last_layers
     """
     parts = {"features": codec.features if codec else None, "attention": codec.attention if codec else None}
     pin = device.type == "cuda"
-    invalid = None if inputs.valid.all() else torch.from_numpy(~inputs.valid).to(device)
     refused = torch.zeros((), dtype=torch.bool, device=device)
     host: dict[tuple[str, str | None], torch.Tensor] = {}  # (target, encoded array or None) -> host buffer
     for start in range(0, len(inputs.pixels), batch_size):
-        x = normalize(inputs.pixels[start:start + batch_size].to(device, non_blocking=True))
+        stop = min(start + batch_size, len(inputs.pixels))
+        inputs.wait_rows(stop)  # the decode ring may still be filling later rows
+        x = normalize(inputs.pixels[start:stop].to(device, non_blocking=True))
+        batch_valid = inputs.valid[start:stop]
+        invalid = None if batch_valid.all() else torch.from_numpy(~batch_valid).to(device)
         with torch.no_grad(), autocast(amp, device):
             t = _targets(model, x, k, last_layers)
         arrays: dict[tuple[str, str | None], torch.Tensor] = {("topk_index", None): t["topk_index"].to(torch.int64)}
         for name, part in parts.items():
             value = t[name]
             if invalid is not None:  # undecodable images: rows of zeros (the model saw blank pixels)
-                value = value.masked_fill(invalid[start:start + len(x)].view(-1, *[1] * (value.dim() - 1)), 0)
+                value = value.masked_fill(invalid.view(-1, *[1] * (value.dim() - 1)), 0)
             if quantize and part is not None and encodes_on_device(part):  # here: ~4x fewer bytes cross
                 encoded, bad = device_encode(part, value)
                 refused |= bad
@@ -80,6 +83,7 @@ def compute_task(model: torch.nn.Module, inputs: TaskInputs, k: int, last_layers
             result[name] = value.numpy()
         else:
             result[name][array] = value.numpy()
-    if invalid is not None:
-        result["topk_index"][~inputs.valid] = 0
-    return {**result, "boxes": inputs.boxes, "valid": inputs.valid}
+    valid = inputs.valid.copy()  # copies: the decode ring reuses its buffers once the task is computed
+    if not valid.all():
+        result["topk_index"][~valid] = 0
+    return {**result, "boxes": inputs.boxes.copy(), "valid": valid}

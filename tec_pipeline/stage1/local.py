@@ -1,9 +1,10 @@
 """The in-process executor: decode workers → device → writer threads, one device (one torchrun rank).
 
-Loader worker processes read and decode chunk groups ahead (pinned on CUDA); the main thread copies each
-batch's uint8 pixels to the device, runs the base model and brings the targets back in stored form; writer
-threads encode and write them while the next batches run. A group is claimed when the loader dispatches it,
-so another writer on the same store skips it, and released once its tasks are written.
+Decode worker processes read and decode chunk groups ahead into the decode ring's slots (page-locked on
+CUDA); the main thread copies each batch's uint8 pixels to the device as soon as its rows are decoded, runs
+the base model and brings the targets back in stored form; writer threads encode and write them while the
+next batches run. A group is claimed when the ring sends it to a worker, so another writer on the same store
+skips it, and released once its tasks are written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tec_pipeline.devices import threads_beside_workers
 from tec_pipeline.progress import ProgressLog
 from tec_pipeline.stage1.compute import compute_task
 from tec_pipeline.stage1.config import CacheConfig, quantizes_on_device
-from tec_pipeline.stage1.decode import ChunkDataset, decoded_groups
+from tec_pipeline.stage1.ring import DecodeJob, DecodeRing
 from tec_pipeline.stage1.write import WriterPool
 from tec_pipeline.store.claims import ClaimBook
 from tec_pipeline.store.layout import Task
@@ -36,7 +37,7 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
     back: on a CPU device, the work a GPU would do; `tec bench` reports the host path without it)."""
     model.to(device)
     img_size = store.attrs["base_model"]["input_size"]
-    dataset = ChunkDataset(cfg.shards, manifest, groups, cfg.seed, img_size, cfg.replay)
+    job = DecodeJob(cfg.shards, manifest, groups, cfg.seed, img_size, cfg.replay, every=cfg.batch_size)
     images, tasks, t0, compute_cpu = 0, 0, time.perf_counter(), 0.0
 
     def admit(i: int) -> bool:
@@ -51,10 +52,9 @@ def run_in_process(cfg: CacheConfig, store: TargetStore, model: torch.nn.Module,
     bar = tqdm(total=sum(map(len, groups)), desc="cache-targets", unit="task", disable=not progress)
     lines = ProgressLog("cache-targets", sum(map(len, groups)), "tasks", enabled=not progress)  # off a terminal
     with threads_beside_workers(device, cfg.loader_workers), \
-            WriterPool(store, cfg.writer_threads, claims.release) as writers:
-        loader = decoded_groups(dataset, cfg.loader_workers, pin=device.type == "cuda",
-                                admit=admit)
-        for group in loader:
+            WriterPool(store, cfg.writer_threads, claims.release) as writers, \
+            DecodeRing(job, cfg.loader_workers, pin=device.type == "cuda", admit=admit) as ring:
+        for group in ring:
             for inputs in group:
                 started = time.thread_time()
                 result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device, amp,
