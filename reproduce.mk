@@ -57,8 +57,11 @@ ARMS := random base $(foreach s,$(SEEDS),tec-cached-s$(s) mae-control-s$(s)) $(a
 timed = mkdir -p $(1) && echo '$(3)' >> $(1)/commands.sh && \
 	OMP_NUM_THREADS=$(or $(4),$(REPRO_THREADS)) $(PY) -m tec_pipeline.repro.timed $(1)/timing $(2) -- $(3)
 
-# keep every intermediate file: each is a resumable step of the pipeline
-.SECONDARY:
+# keep every step's output: each is a resumable step of the pipeline. .PRECIOUS on the pattern targets (the
+# `done` markers; study.mk adds its own) rather than a bare .SECONDARY, which makes every target intermediate:
+# make then left a deleted evals/*.json unrebuilt while report.md existed. The evaluations are explicit
+# (static pattern) targets, so a deleted one, or a deleted `done` marker under it, is remade.
+.PRECIOUS: $(R)/%/done
 .PHONY: reproduce reproduce-report
 reproduce: install $(R)/report.md
 	@echo "report: $(R)/report.md"
@@ -95,7 +98,7 @@ $(R)/mae-control-s%/done: $(R)/base.pth
 encoder_checkpoint = $(if $(filter random,$(1)),random:$(REPRO_ARCH),$(if $(filter base,$(1)),$(R)/base.pth,$(R)/$(1)/checkpoint.pth))
 encoder_run = $(if $(filter random,$(1)),,$(if $(filter base,$(1)),$(R)/base.pth,$(R)/$(1)/done))
 .SECONDEXPANSION:
-$(R)/evals/%-knn.json: $$(call encoder_run,$$*) $(R)/shards/train/manifest.json $(R)/shards/test/manifest.json
+$(foreach a,$(ARMS),$(R)/evals/$(a)-knn.json): $(R)/evals/%-knn.json: $$(call encoder_run,$$*) $(R)/shards/train/manifest.json $(R)/shards/test/manifest.json
 	@mkdir -p $(R)/encoders && rm -f $(R)/encoders/$*.safetensors $(R)/evals/$*-linprobe.json
 	$(call timed,$(R),eval-$*,$(TEC) frozen-eval --checkpoint $(call encoder_checkpoint,$*) --export $(R)/encoders/$*.safetensors $(EVAL_OPTS) --json-prefix $(R)/evals/$*,$(EVAL_THREADS))
 

@@ -60,8 +60,11 @@ $(S)/size-%-s0/done: $(S)/store-fp16.zarr/zarr.json
 	$(call timed,$(S),size-$*-s0,$(STUDY_TRAIN) --targets $(S)/store-fp16.zarr --views 2 --model $* --out $(S)/size-$*-s0 --seed 0)
 	touch $@
 
+# every step's output is kept (see reproduce.mk's .PRECIOUS)
+.PRECIOUS: $(S)/%/done $(S)/store-%.zarr/zarr.json
+
 # one feature extraction for both frozen evaluations, straight from the run's checkpoint
-$(S)/evals/%-knn.json: $(S)/%/done $(R)/shards/test/manifest.json
+$(foreach a,$(STUDY_ARMS),$(S)/evals/$(a)-knn.json): $(S)/evals/%-knn.json: $(S)/%/done $(R)/shards/test/manifest.json
 	$(call timed,$(S),eval-$*,$(TEC) frozen-eval --checkpoint $(S)/$*/checkpoint.pth $(EVAL_OPTS) --json-prefix $(S)/evals/$*,$(EVAL_THREADS))
 
 # what the numbers were made with, written before the first step (make builds prerequisites in order)

@@ -51,3 +51,15 @@ def test_reproduce_pipeline_writes_report_and_figures(tmp_path: Path) -> None:
     # a second make has nothing left to do: every step is a finished file target
     again = subprocess.run(["make", "-n", "reproduce", *settings], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "bin/tec " not in again.stdout, again.stdout
+    # a deleted evaluation is remade (and the report after it), and nothing else; so is a deleted step under it
+    (out / "evals" / "base-knn.json").unlink()
+    again = subprocess.run(["make", "-n", "reproduce", *settings], cwd=ROOT, capture_output=True, text=True)
+    commands = [line for line in again.stdout.splitlines() if "bin/tec " in line]
+    assert again.returncode == 0 and len(commands) == 2, again.stdout
+    assert "frozen-eval --checkpoint " + str(out / "base.pth") in commands[0] and " report " in commands[1]
+    (out / "evals" / "base-knn.json").touch()
+    (out / "tec-cached-s1" / "done").unlink()
+    again = subprocess.run(["make", "-n", "reproduce", *settings], cwd=ROOT, capture_output=True, text=True)
+    commands = [line for line in again.stdout.splitlines() if "bin/tec " in line]
+    assert [c.split("bin/tec ")[1].split()[0] for c in commands] == ["pretrain", "frozen-eval", "report"], commands
+    assert "--out " + str(out / "tec-cached-s1") in commands[0]
