@@ -128,15 +128,19 @@ class DecodeRing:
             rows = max(g[0].rows for g in job.groups)
             count = min(len(job.groups), workers * _AHEAD + 1)
             self._slots = [_Slot.allocate(views, rows, job.img_size) for _ in range(count)]
-            if pin:
-                self._pin_slots()
             ctx = mp.get_context()
             self._jobs, self._results = ctx.Queue(), ctx.Queue()
             self._procs = [ctx.Process(target=_decode_worker, daemon=True, name=f"tec-decode-{i}",
                                        args=(self._jobs, self._results, self._slots, job, os.getpid()))
                            for i in range(min(workers, len(job.groups)))]
-            for proc in self._procs:
-                proc.start()
+            try:
+                for proc in self._procs:
+                    proc.start()
+                if pin:  # after the fork: drivers may mark page-locked ranges MADV_DONTFORK (no mapping in a child)
+                    self._pin_slots()
+            except BaseException:  # no `with` block will close what was started
+                self.close()
+                raise
 
     @property
     def worker_pids(self) -> list[int]:
@@ -197,10 +201,11 @@ class DecodeRing:
     def close(self) -> None:
         """Stop the workers (at once: a group being decoded is abandoned) and release the slots."""
         for proc in self._procs:
-            if proc.is_alive():
+            if proc.pid is not None and proc.is_alive():
                 proc.terminate()
         for proc in self._procs:
-            proc.join(timeout=5)
+            if proc.pid is not None:
+                proc.join(timeout=5)
         if self._procs:
             self._jobs.cancel_join_thread()
             self._jobs.close()
