@@ -17,7 +17,7 @@ import torch
 from tec_pipeline.data.shards import load_manifest
 from tec_pipeline.errors import UserError
 from tec_pipeline.stage1 import CacheConfig, cache_targets
-from tec_pipeline.stage1.decode import decode_rows_into, decode_tasks
+from tec_pipeline.stage1.decode import decode_rows_into, decode_tasks, decode_tasks_in_background
 from tec_pipeline.stage1.ring import DecodeJob, DecodeRing, WorkerFailed
 from tec_pipeline.store.layout import Task
 from tests.conftest import assert_same_store
@@ -86,6 +86,33 @@ def test_undecodable_rows_blank_a_reused_buffer(damaged_shards: tuple[Path, list
     assert np.flatnonzero(~valid).tolist() == bad
     assert not pixels[0, bad].any() and not boxes[0, bad].any()
     assert torch.equal(pixels, decode_tasks(str(shards), manifest, tasks, 3, SIZE)[0].pixels[None])
+
+
+def test_background_decode_gives_decode_tasks_inputs_and_its_error(damaged_shards: tuple[Path, list[int]],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    shards, _ = damaged_shards
+    manifest = load_manifest(shards)
+    tasks = [Task(0, 0, 0, manifest.total_rows), Task(1, 0, 0, manifest.total_rows)]
+    want = decode_tasks(str(shards), manifest, tasks, 3, SIZE, "torch")
+    got = decode_tasks_in_background(str(shards), manifest, tasks, 3, SIZE, "torch", every=8)
+    got[1].wait_rows(manifest.total_rows)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.pixels, b.pixels) and np.array_equal(a.boxes, b.boxes)
+        assert np.array_equal(a.valid, b.valid)
+    import tec_pipeline.stage1.decode as decode
+
+    real = decode.decode_for_replay
+
+    def failing(row: int, *args: object) -> object:
+        if row == 20:
+            raise UserError("row 20: the storage went away")
+        return real(row, *args)
+
+    monkeypatch.setattr(decode, "decode_for_replay", failing)
+    got = decode_tasks_in_background(str(shards), manifest, tasks, 3, SIZE, every=8)
+    got[0].wait_rows(16)  # rows before the failure are there
+    with pytest.raises(UserError, match="row 20: the storage went away"):
+        got[0].wait_rows(24)
 
 
 def test_killed_worker_is_reported_not_waited_for(fmnist_shards: Path) -> None:

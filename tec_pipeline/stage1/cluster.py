@@ -85,7 +85,8 @@ def run_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict[str, An
     """
     from tec_pipeline import storage
     from tec_pipeline.stage1.compute import compute_task
-    from tec_pipeline.stage1.decode import decode_tasks
+    from tec_pipeline.stage1.decode import decode_tasks_in_background
+    from tec_pipeline.stage1.write import WriterPool
 
     storage.use(storage_options)
     model, device, manifest, store, claims = _worker_resources(cfg)
@@ -94,14 +95,16 @@ def run_group(cfg: CacheConfig, tasks: list[Task], storage_options: dict[str, An
         return 0, 0
     try:
         images = 0
-        for inputs in decode_tasks(cfg.shards, manifest, tasks, cfg.seed, store.attrs["base_model"]["input_size"],
-                                   cfg.replay):
-            result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device,
-                                  store.attrs["targets"]["precision"]["autocast"], store.codec,
-                                  quantizes_on_device(cfg, device))
-            store.write_task(inputs.task, **result)
-            claims.release(inputs.task)
-            images += len(inputs.pixels)
+        # decode (a thread), compute and writes (writer threads) overlap within the group, as in process
+        with WriterPool(store, cfg.writer_threads, claims.release) as writers:
+            for inputs in decode_tasks_in_background(cfg.shards, manifest, tasks, cfg.seed,
+                                                     store.attrs["base_model"]["input_size"], cfg.replay,
+                                                     every=cfg.batch_size):
+                result = compute_task(model, inputs, cfg.topk, cfg.last_layers, cfg.batch_size, device,
+                                      store.attrs["targets"]["precision"]["autocast"], store.codec,
+                                      quantizes_on_device(cfg, device))
+                writers.submit(inputs.task, result)
+                images += len(inputs.pixels)
         return images, len(tasks)
     finally:
         for task in tasks:

@@ -7,6 +7,7 @@ JPEGs are decoded by simplejpeg into arrays (data/jpeg.py), the largest single s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,49 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
     valid = np.zeros(n, dtype=bool)
     decode_rows_into(pixels, boxes, valid, shards_dir, manifest, tasks, seed, replay)
     return [TaskInputs(task, pixels[j], boxes[j], valid.copy()) for j, task in enumerate(tasks)]
+
+
+def decode_tasks_in_background(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: int, img_size: int,
+                               replay: str = DEFAULT_REPLAY, every: int = 64) -> list[TaskInputs]:
+    """`decode_tasks`, returned at once: a thread decodes, and each TaskInputs' `wait_rows(n)` blocks until
+    rows [0, n) are decoded (re-raising the thread's error), so the device starts on the first batch while the
+    rest decode (the dask executor; decoding releases the GIL: Pillow, simplejpeg and torch's resize)."""
+    n = _shared_rows(tasks)
+    pixels = torch.empty((len(tasks), n, 3, img_size, img_size), dtype=torch.uint8)
+    boxes = np.zeros((len(tasks), n, 5), dtype=np.int32)
+    valid = np.zeros(n, dtype=bool)
+    progress = _Progress()
+    threading.Thread(target=progress.run, daemon=True, name="tec-decode", args=(
+        lambda: decode_rows_into(pixels, boxes, valid, shards_dir, manifest, tasks, seed, replay,
+                                 progress.advance, every),)).start()
+    return [TaskInputs(task, pixels[j], boxes[j], valid, progress.wait) for j, task in enumerate(tasks)]
+
+
+class _Progress:
+    """Rows decoded so far by a background thread, or its error."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._done, self._error = 0, None
+
+    def run(self, decode: Callable[[], None]) -> None:
+        try:
+            decode()
+        except BaseException as error:  # raised to the waiting consumer instead
+            with self._changed:
+                self._error = error
+                self._changed.notify_all()
+
+    def advance(self, done: int) -> None:
+        with self._changed:
+            self._done = done
+            self._changed.notify_all()
+
+    def wait(self, rows: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._done >= rows or self._error is not None)
+            if self._error is not None:
+                raise self._error
 
 
 def _shared_rows(tasks: list[Task]) -> int:
