@@ -40,10 +40,7 @@ def decode_tasks(shards_dir: str, manifest: Manifest, tasks: list[Task], seed: i
                  replay: str = DEFAULT_REPLAY) -> list[TaskInputs]:
     """Tasks of one chunk (same rows, any views): read and decode each image once, then sample and replay every
     task's view box on it with `replay`. Returns one TaskInputs per task, in the order given."""
-    n = _shared_rows(tasks)
-    pixels = torch.empty((len(tasks), n, 3, img_size, img_size), dtype=torch.uint8)  # every row is written
-    boxes = np.zeros((len(tasks), n, 5), dtype=np.int32)
-    valid = np.zeros(n, dtype=bool)
+    pixels, boxes, valid = _task_buffers(tasks, img_size)
     decode_rows_into(pixels, boxes, valid, shards_dir, manifest, tasks, seed, replay)
     return [TaskInputs(task, pixels[j], boxes[j], valid.copy()) for j, task in enumerate(tasks)]
 
@@ -53,10 +50,7 @@ def decode_tasks_in_background(shards_dir: str, manifest: Manifest, tasks: list[
     """`decode_tasks`, returned at once: a thread decodes, and each TaskInputs' `wait_rows(n)` blocks until
     rows [0, n) are decoded (re-raising the thread's error), so the device starts on the first batch while the
     rest decode (the dask executor; decoding releases the GIL: Pillow, simplejpeg and torch's resize)."""
-    n = _shared_rows(tasks)
-    pixels = torch.empty((len(tasks), n, 3, img_size, img_size), dtype=torch.uint8)
-    boxes = np.zeros((len(tasks), n, 5), dtype=np.int32)
-    valid = np.zeros(n, dtype=bool)
+    pixels, boxes, valid = _task_buffers(tasks, img_size)
     progress = _Progress()
     threading.Thread(target=progress.run, daemon=True, name="tec-decode", args=(
         lambda: decode_rows_into(pixels, boxes, valid, shards_dir, manifest, tasks, seed, replay,
@@ -89,6 +83,14 @@ class _Progress:
             self._changed.wait_for(lambda: self._done >= rows or self._error is not None)
             if self._error is not None:
                 raise self._error
+
+
+def _task_buffers(tasks: list[Task], img_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Fresh pixels [len(tasks), n, 3, S, S], boxes and valid for one chunk's tasks (decode_rows_into writes
+    every row, so the pixels need no zeroing)."""
+    n = _shared_rows(tasks)
+    return (torch.empty((len(tasks), n, 3, img_size, img_size), dtype=torch.uint8),
+            np.zeros((len(tasks), n, 5), dtype=np.int32), np.zeros(n, dtype=bool))
 
 
 def _shared_rows(tasks: list[Task]) -> int:

@@ -118,7 +118,7 @@ class DecodeRing:
 
     def __init__(self, job: DecodeJob, workers: int, pin: bool,
                  admit: Callable[[int], bool] = lambda i: True) -> None:
-        self.job, self.workers, self.admit = job, workers, admit
+        self.job, self.admit = job, admit
         self._done: dict[int, int] = {}  # ticket -> rows of its group decoded so far
         self._slots: list[_Slot] = []
         self._procs: list[Any] = []
@@ -196,7 +196,7 @@ class DecodeRing:
                 continue
             if error is not None:
                 raise error
-            self._done[done_ticket] = max(self._done[done_ticket], done)
+            self._done[done_ticket] = done  # one worker decodes a group and reports its rows in order
 
     def close(self) -> None:
         """Stop the workers (at once: a group being decoded is abandoned) and release the slots."""
